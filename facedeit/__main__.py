@@ -1,0 +1,3 @@
+from facedeit.cli import main
+
+raise SystemExit(main())
