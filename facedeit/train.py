@@ -1,0 +1,332 @@
+"""Train one recipe: data, model, optimizer, loop; writes the run folder.
+
+Per update it records loss, lr, gradient norm, images/s and data wait time
+(steps.csv); per epoch val loss, top-1, top-5 and balanced accuracy
+(epochs.csv) and each eval batch's timing (eval_batches.csv). A checkpoint is
+written after every epoch, and `resume=True` continues from the last one with
+the same batches and random draws as an uninterrupted run.
+"""
+
+import json
+import logging
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import balanced_accuracy_score
+from torch import nn
+
+from facedeit.data import build_loaders, build_mixup, read_split
+from facedeit.io import write_csv_atomic, write_json_atomic
+from facedeit.models import build_model
+from facedeit.optim import build_optimizer, build_scheduler, build_train_loss, schedule_lengths
+from facedeit.recipes import Recipe, Resolved, resolve
+from facedeit.runs import environment, file_sha256, now_utc, run_name
+from facedeit.timing import BatchTimer
+
+log = logging.getLogger(__name__)
+
+# The first updates after a start include allocator and kernel warm-up; they
+# are flagged in steps.csv and left out of throughput figures.
+WARMUP_STEPS = 3
+
+
+class NonFiniteLoss(RuntimeError):
+    def __init__(self, step: int, value: float):
+        super().__init__(f"loss is {value} at update {step}")
+        self.step = step
+        self.value = value
+
+
+class RunExistsError(RuntimeError):
+    """A run folder with unfinished work exists and resume was not asked for."""
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA; full fp32 on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, mixup, device, epoch, first_update,
+                    clip_grad=None, progress=None, warmup_steps=0) -> list[dict]:
+    """Run one epoch of updates and return one row per update.
+
+    `first_update` is the number of updates done before this epoch; the
+    scheduler is stepped after each update with the new count. Raises
+    NonFiniteLoss on a NaN or infinite loss.
+    """
+    from timm.utils import dispatch_clip_grad
+
+    model.train()
+    timer = BatchTimer(device)
+    channels_last = device.type == "cuda" and not hasattr(model, "blocks")
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    update = first_update
+    data_start = time.perf_counter()
+    for images, targets in loader:
+        data_ms = (time.perf_counter() - data_start) * 1000.0
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if mixup is not None:
+            images, targets = mixup(images, targets)
+        lr = optimizer.param_groups[0]["lr"]
+
+        timer.start()
+        with autocast_for(device):
+            loss = loss_fn(model(images), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if clip_grad is not None:
+            dispatch_clip_grad(params, value=clip_grad, mode="norm")
+        optimizer.step()
+        step_ms = timer.stop()
+
+        loss_value = loss.item()
+        if not np.isfinite(loss_value):
+            raise NonFiniteLoss(update, loss_value)
+        update += 1
+        scheduler.step_update(num_updates=update)
+        rows.append({
+            "epoch": epoch, "step": update, "lr": lr, "loss": loss_value, "grad_norm": float(grad_norm),
+            "images": len(images), "step_ms": step_ms, "data_ms": data_ms,
+            "images_per_s": len(images) / (step_ms / 1000.0), "warmup": len(rows) < warmup_steps,
+        })
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(epoch=epoch, loss=f"{loss_value:.3f}", img_s=f"{rows[-1]['images_per_s']:.0f}")
+        data_start = time.perf_counter()
+    return rows
+
+
+@torch.inference_mode()
+def evaluate(model, loader, device, num_classes: int, epoch: int = 0) -> tuple[dict, list[dict]]:
+    """Return (val metrics, per-batch timing rows): loss, top-1, top-5 (top-k when
+    there are fewer than 5 classes) and balanced accuracy, accuracies in percent."""
+    model.eval()
+    timer = BatchTimer(device)
+    channels_last = device.type == "cuda" and not hasattr(model, "blocks")
+    k = min(5, num_classes)
+    loss_sum, correct1, correctk, count = 0.0, 0, 0, 0
+    predictions, labels, batches = [], [], []
+    for batch, (images, targets) in enumerate(loader):
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        timer.start()
+        with autocast_for(device):
+            logits = model(images)
+        ms = timer.stop()
+        logits = logits.float()
+        loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+        topk = logits.topk(k, dim=1).indices
+        correct1 += (topk[:, 0] == targets).sum().item()
+        correctk += (topk == targets[:, None]).any(dim=1).sum().item()
+        count += len(targets)
+        predictions.append(topk[:, 0].cpu())
+        labels.append(targets.cpu())
+        batches.append({"epoch": epoch, "batch": batch, "images": len(targets), "ms": ms,
+                        "images_per_s": len(targets) / (ms / 1000.0)})
+    y_pred = torch.cat(predictions).numpy()
+    y_true = torch.cat(labels).numpy()
+    metrics = {
+        "val_loss": loss_sum / count,
+        "val_top1": 100.0 * correct1 / count,
+        # With fewer than 5 people this is top-k over all of them; top5_k says which k.
+        "val_top5": 100.0 * correctk / count,
+        "top5_k": k,
+        "val_balanced_acc": 100.0 * balanced_accuracy_score(y_true, y_pred),
+        "val_images": count,
+    }
+    return metrics, batches
+
+
+def departures_from_recipe(run: Resolved, device: torch.device) -> list[str]:
+    """Describe each way this run differs from the recipe as written."""
+    notes = []
+    for key, change in run.changes.items():
+        used = f"{change['used']:.4g}" if isinstance(change["used"], float) else change["used"]
+        if change["recipe"] is None:
+            notes.append(f"{key} {used} (profile {run.profile})")
+        else:
+            notes.append(f"{key} {change['recipe']:g} -> {used} (profile {run.profile})")
+    if run.recipe.source and run.recipe.model.img_size != 224:
+        notes.append(f"img_size {run.recipe.model.img_size} on face crops; the paper trains at 224 on ImageNet")
+    if run.recipe.source:
+        notes.append(f"1 device ({device.type}); the paper's batch is spread over several GPUs")
+    return notes
+
+
+def train_recipe(recipe: Recipe, crops_dir: Path, results_dir: Path, profile: str = "quick", seed: int = 0,
+                 resume: bool = False, device: str | None = None, progress: bool = True,
+                 keep_checkpoints: int = 3, recipe_file: str | None = None) -> dict:
+    """Train `recipe` under `profile` and write its run folder; return its run.json content.
+
+    A finished run is returned as it is. An unfinished one is continued when
+    `resume` is set and otherwise raises RunExistsError, so nothing trained is
+    overwritten. A non-finite loss ends the run with status "diverged".
+    """
+    from tqdm import tqdm
+
+    run = resolve(recipe, profile)
+    run_dir = Path(results_dir) / "runs" / run_name(recipe.name, profile, seed)
+    ckpt_dir = run_dir / "checkpoints"
+    info_file = run_dir / "run.json"
+    dev = pick_device(device)
+
+    # ---- data
+    data = read_split(crops_dir, run.max_people, run.max_images_per_person)
+    split_sha = file_sha256(Path(crops_dir) / "split.csv")
+    loaders = build_loaders(data, run)
+    steps_per_epoch = len(loaders.train)
+
+    # ---- the run folder: refuse to overwrite, or pick up where it stopped
+    start_epoch, state = 0, None
+    if info_file.is_file():
+        info = json.loads(info_file.read_text())
+        if info["status"] in ("finished", "diverged"):
+            log.info("%s: already %s; skipping", run_dir, info["status"])
+            return info
+        if not resume:
+            raise RunExistsError(f"{run_dir}: an unfinished run exists; pass --resume to continue it or remove the folder")
+        if info["data"]["split_sha256"] != split_sha:
+            raise RunExistsError(f"{run_dir}: was trained on another split.csv; remove the folder to start again")
+        state = _latest_checkpoint(ckpt_dir)
+        start_epoch = state["epoch"] + 1 if state else 0
+
+    # ---- model, optimizer, schedule, loss
+    seed_everything(seed)
+    cfg = recipe.model
+    model = build_model(cfg.name, data.num_classes, cfg.img_size, cfg.dropout, cfg.drop_path_rate,
+                        cfg.drop_path_mode, cfg.checkpoint).to(dev)
+    if dev.type == "cuda" and not hasattr(model, "blocks"):
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, run)
+    scheduler = build_scheduler(optimizer, run, steps_per_epoch)
+    loss_fn = build_train_loss(run)
+    mixup = build_mixup(run, data.num_classes)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        log.info("%s: resuming after epoch %d", run_dir, state["epoch"])
+
+    counts = data.train["label"].value_counts()
+    info = {
+        "run": run_dir.name, "recipe": recipe.name, "recipe_file": recipe_file, "profile": profile, "seed": seed,
+        "status": "running", "epochs_done": start_epoch, "resolved": run.to_dict(),
+        "schedule_updates": {"steps_per_epoch": steps_per_epoch, **schedule_lengths(run, steps_per_epoch)},
+        "departures": departures_from_recipe(run, dev),
+        "model": {"name": cfg.name, "parameters": sum(p.numel() for p in model.parameters()),
+                  "drop_path_mode": cfg.drop_path_mode},
+        "data": {"crops_dir": str(Path(crops_dir).resolve()), "split_sha256": split_sha,
+                 "num_classes": data.num_classes, "train_images": len(data.train), "val_images": len(data.val),
+                 "chance_top1": 100.0 / data.num_classes,
+                 "majority_top1": 100.0 * (data.val["label"] == counts.idxmax()).mean()},
+        "env": environment(dev), "started": now_utc(), "finished": None, "diverged_at_step": None,
+    }
+    write_json_atomic(info_file, info)
+
+    steps = _read_rows(run_dir / "steps.csv", start_epoch)
+    epochs = _read_rows(run_dir / "epochs.csv", start_epoch)
+    evals = _read_rows(run_dir / "eval_batches.csv", start_epoch)
+
+    # ---- the loop
+    bar = tqdm(total=run.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, unit="step",
+               desc=run_dir.name, disable=not progress, dynamic_ncols=True)
+    try:
+        for epoch in range(start_epoch, run.epochs):
+            seed_everything(seed * 1000 + epoch)
+            loaders.set_epoch(seed, epoch)
+            epoch_start = time.perf_counter()
+            rows = train_one_epoch(model, loaders.train, optimizer, scheduler, loss_fn, mixup, dev, epoch,
+                                   epoch * steps_per_epoch, recipe.clip_grad, bar,
+                                   WARMUP_STEPS if epoch == start_epoch else 0)
+            train_s = time.perf_counter() - epoch_start
+            metrics, eval_rows = evaluate(model, loaders.val, dev, data.num_classes, epoch)
+            frame = pd.DataFrame(rows)
+            epochs.append({"epoch": epoch, "train_loss": frame["loss"].mean(),
+                           "train_images_per_s": frame.loc[~frame["warmup"], "images_per_s"].median(),
+                           "train_s": train_s, "lr_end": optimizer.param_groups[0]["lr"], **metrics})
+            steps.extend(rows)
+            evals.extend(eval_rows)
+            _save_checkpoint(ckpt_dir, epoch, model, optimizer, scheduler, keep_checkpoints)
+            _write_tables(run_dir, steps, epochs, evals)
+            info["epochs_done"] = epoch + 1
+            write_json_atomic(info_file, info)
+            bar.write(f"{run_dir.name} epoch {epoch}: train loss {epochs[-1]['train_loss']:.4f}, "
+                      f"val top-1 {metrics['val_top1']:.2f}%, balanced {metrics['val_balanced_acc']:.2f}%")
+    except NonFiniteLoss as err:
+        log.warning("%s: diverged: %s", run_dir.name, err)
+        info.update(status="diverged", diverged_at_step=err.step, finished=now_utc())
+        write_json_atomic(info_file, info)
+        return info
+    except KeyboardInterrupt:
+        info.update(status="stopped", finished=now_utc())
+        write_json_atomic(info_file, info)
+        raise
+    except BaseException:
+        info.update(status="failed", finished=now_utc())
+        write_json_atomic(info_file, info)
+        raise
+    finally:
+        bar.close()
+
+    info.update(status="finished", finished=now_utc())
+    write_json_atomic(info_file, info)
+    return info
+
+
+def _read_rows(path: Path, before_epoch: int) -> list[dict]:
+    """Rows of an earlier attempt's CSV for the epochs that its checkpoints cover."""
+    if before_epoch == 0 or not path.is_file():
+        return []
+    frame = pd.read_csv(path)
+    return frame[frame["epoch"] < before_epoch].to_dict("records")
+
+
+def _write_tables(run_dir: Path, steps: list, epochs: list, evals: list) -> None:
+    write_csv_atomic(run_dir / "steps.csv", pd.DataFrame(steps))
+    write_csv_atomic(run_dir / "epochs.csv", pd.DataFrame(epochs))
+    write_csv_atomic(run_dir / "eval_batches.csv", pd.DataFrame(evals))
+
+
+def _save_checkpoint(ckpt_dir: Path, epoch: int, model, optimizer, scheduler, keep: int) -> None:
+    """Write epoch_NNN.pt atomically, then delete all but the newest `keep` checkpoints."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    path = ckpt_dir / f"epoch_{epoch:03d}.pt"
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict()}, tmp)
+    tmp.replace(path)
+    for old in sorted(ckpt_dir.glob("epoch_*.pt"))[:-keep]:
+        old.unlink()
+
+
+def _latest_checkpoint(ckpt_dir: Path) -> dict | None:
+    found = sorted(ckpt_dir.glob("epoch_*.pt"))
+    if not found:
+        return None
+    return torch.load(found[-1], map_location="cpu", weights_only=False)
