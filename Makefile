@@ -1,0 +1,47 @@
+# facedeit: crop -> train -> report. `make reproduce` runs the stages in a row;
+# each stage reads only what the one before wrote, so each can be rerun alone.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DATA ?=
+PROFILE ?= quick
+SEED ?= 0
+CROPS ?= cache/faces
+RESULTS ?= results
+RECIPES ?= recipes/seed_adamw.yaml recipes/seed_sgd.yaml \
+	recipes/resnet18_sgd.yaml recipes/resnet18_adamw.yaml \
+	recipes/vit_b_paper_tiny.yaml recipes/deit_b_paper_tiny.yaml
+
+.PHONY: install crop train report reproduce test bench clean-runs
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --upgrade pip
+	$(VENV)/bin/pip install -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+crop: install
+	$(PY) -m facedeit crop $(if $(DATA),--data "$(DATA)") --out $(CROPS)
+
+train: crop
+	$(PY) -m facedeit run $(RECIPES) --crops $(CROPS) --results $(RESULTS) \
+		--profile $(PROFILE) --seed $(SEED) --resume
+
+report: install
+	$(PY) -m facedeit report --results $(RESULTS)
+
+reproduce: train report
+	@echo "report written to $(RESULTS)/REPORT.md"
+
+test: install
+	$(PY) -m pytest tests
+
+bench: install
+	$(PY) -m pytest benchmarks --benchmark-only
+
+# Remove the trained runs (not the crop cache), to train every recipe again.
+clean-runs:
+	rm -rf $(RESULTS)/runs

@@ -1,0 +1,143 @@
+"""The `facedeit` command: argument parsing only; each subcommand calls one stage."""
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("facedeit")
+
+DEFAULT_CROPS = Path("cache/faces")
+DEFAULT_RESULTS = Path("results")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="facedeit", description="Crop faces with MTCNN, train recipes on the crops, and report the runs."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    crop = sub.add_parser("crop", help="detect faces with MTCNN, write 160x160 crops, manifest.csv and split.csv")
+    crop.add_argument("--data", type=Path, help="folder of <person>/<photo> files (default: the shared LFW subset)")
+    crop.add_argument("--out", type=Path, default=DEFAULT_CROPS, help="crop cache and CSV folder (default: %(default)s)")
+    crop.add_argument("--margin", type=int, default=20, help="pixels added around the face box, in crop pixels (default: %(default)s)")
+    crop.add_argument("--min-face-size", type=int, default=20, help="smallest face MTCNN looks for, in photo pixels (default: %(default)s)")
+    crop.add_argument("--thresholds", type=float, nargs=3, default=(0.6, 0.7, 0.7), metavar=("P", "R", "O"),
+                      help="MTCNN P-Net, R-Net and O-Net score thresholds (default: 0.6 0.7 0.7)")
+    crop.add_argument("--min-images", type=int, default=2, help="leave out people with fewer face crops (default: %(default)s)")
+    crop.add_argument("--val-fraction", type=float, default=0.2, help="share of each person's crops kept for val (default: %(default)s)")
+    crop.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default: %(default)s)")
+    crop.add_argument("--device", help="torch device for MTCNN (default: cuda when present, else cpu)")
+
+    recipe = sub.add_parser("recipe", help="inspect recipes")
+    recipe_sub = recipe.add_subparsers(dest="recipe_command", required=True)
+    show = recipe_sub.add_parser("show", help="print a recipe's resolved values under a profile")
+    show.add_argument("file", type=Path)
+    show.add_argument("--profile", default="full", help="smoke, quick or full (default: %(default)s)")
+
+    for name, help_text in (("train", "train one recipe"), ("run", "train several recipes in turn")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("recipes", type=Path, nargs=1 if name == "train" else "+", help="recipe YAML file(s)")
+        p.add_argument("--crops", type=Path, default=DEFAULT_CROPS, help="folder written by `facedeit crop` (default: %(default)s)")
+        p.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="results folder (default: %(default)s)")
+        p.add_argument("--profile", default="quick", help="smoke, quick or full (default: %(default)s)")
+        p.add_argument("--seed", type=int, default=0, help="training seed (default: %(default)s)")
+        p.add_argument("--resume", action="store_true", help="continue an unfinished run from its last checkpoint")
+        p.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
+        p.add_argument("--keep-checkpoints", type=int, default=3, help="newest epoch checkpoints kept per run (default: %(default)s)")
+        p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    report = sub.add_parser("report", help="write results/REPORT.md, tables and plots from the run folders")
+    report.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="results folder (default: %(default)s)")
+    report.add_argument("--recipes", type=Path, default=Path("recipes"), help="recipe folder for the paper table (default: %(default)s)")
+    return parser
+
+
+def cmd_crop(args) -> int:
+    from facedeit.faces import DetectorSettings, crop_folder, split_people, write_split
+    from facedeit.sources import default_data_dir
+
+    data_dir = args.data if args.data is not None else default_data_dir()
+    log.info("cropping faces in %s into %s", data_dir, args.out)
+    settings = DetectorSettings(margin=args.margin, min_face_size=args.min_face_size, thresholds=tuple(args.thresholds))
+    manifest = crop_folder(data_dir, args.out, settings, args.device)
+    counts = manifest["status"].value_counts()
+    cached = int(manifest["cached"].sum())
+    print(f"{len(manifest)} files: " + ", ".join(f"{s} {int(counts.get(s, 0))}" for s in ("cropped", "no_face", "unreadable"))
+          + f" ({cached} from the cache)")
+    for row in manifest[manifest["status"] == "unreadable"].itertuples():
+        print(f"  unreadable: {row.path}: {row.error}")
+    split, excluded = split_people(manifest, args.min_images, args.val_fraction, args.seed)
+    write_split(args.out, split, excluded, args.seed, args.val_fraction, args.min_images)
+    if excluded:
+        print(f"left out {len(excluded)} people with fewer than {args.min_images} crops: "
+              + ", ".join(f"{p} ({n})" for p, n in excluded.items()))
+    sizes = split["split"].value_counts()
+    print(f"split: {split['person'].nunique()} people, {int(sizes.get('train', 0))} train, "
+          f"{int(sizes.get('val', 0))} val -> {args.out / 'split.csv'}")
+    return 0
+
+
+def cmd_recipe_show(args) -> int:
+    from facedeit.recipes import load_recipe, resolve
+
+    run = resolve(load_recipe(args.file), args.profile)
+    print(json.dumps(run.to_dict(), indent=2, default=str))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from facedeit.recipes import load_recipe
+    from facedeit.train import train_recipe
+
+    # Load every recipe first, so a typo in the last file stops the command before any training.
+    recipes = [(path, load_recipe(path)) for path in args.recipes]
+    statuses = {}
+    for path, recipe in recipes:
+        info = train_recipe(recipe, args.crops, args.results, args.profile, args.seed, args.resume, args.device,
+                            progress=not args.no_progress, keep_checkpoints=args.keep_checkpoints,
+                            recipe_file=str(path))
+        statuses[info["run"]] = info["status"]
+    for run, status in statuses.items():
+        print(f"{run}: {status}")
+    # A diverged run is a result, not an error, for `run`; `train` reports it in its exit code.
+    if args.command == "train" and "diverged" in statuses.values():
+        return 3
+    return 0
+
+
+def cmd_report(args) -> int:
+    from facedeit.report import write_report
+
+    path = write_report(args.results, args.recipes)
+    print(f"report: {path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    from facedeit.faces import CropError
+    from facedeit.recipes import RecipeError
+    from facedeit.sources import NoDataError
+    from facedeit.train import RunExistsError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.command == "crop":
+        handler = cmd_crop
+    elif args.command == "recipe":
+        handler = cmd_recipe_show
+    elif args.command in ("train", "run"):
+        if args.keep_checkpoints < 1:
+            print("facedeit: error: --keep-checkpoints must be at least 1", file=sys.stderr)
+            return 2
+        handler = cmd_train
+    else:
+        handler = cmd_report
+    try:
+        return handler(args)
+    except (CropError, RecipeError, NoDataError, RunExistsError, FileNotFoundError, ValueError) as err:
+        print(f"facedeit: error: {err}", file=sys.stderr)
+        return 2
