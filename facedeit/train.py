@@ -65,6 +65,30 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def train_step(model, images, targets, optimizer, loss_fn, device, params, clip_grad=None) -> tuple:
+    """One update: forward, backward, optional clipping, optimizer step.
+
+    Returns (loss tensor, gradient norm before clipping). Training and the
+    benchmarks both call this function, so they time the same work.
+    """
+    from timm.utils import dispatch_clip_grad
+
+    with autocast_for(device):
+        loss = loss_fn(model(images), targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if clip_grad is not None:
+        dispatch_clip_grad(params, value=clip_grad, mode="norm")
+    optimizer.step()
+    return loss, grad_norm
+
+
+def uses_channels_last(model, device: torch.device) -> bool:
+    """CNNs run channels_last on CUDA; the transformers (which have `blocks`) do not."""
+    return device.type == "cuda" and not hasattr(model, "blocks")
+
+
 def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, mixup, device, epoch, first_update,
                     clip_grad=None, progress=None, warmup_steps=0) -> list[dict]:
     """Run one epoch of updates and return one row per update.
@@ -73,11 +97,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, mixup, device,
     scheduler is stepped after each update with the new count. Raises
     NonFiniteLoss on a NaN or infinite loss.
     """
-    from timm.utils import dispatch_clip_grad
-
     model.train()
     timer = BatchTimer(device)
-    channels_last = device.type == "cuda" and not hasattr(model, "blocks")
+    channels_last = uses_channels_last(model, device)
     params = [p for p in model.parameters() if p.requires_grad]
     rows = []
     update = first_update
@@ -93,14 +115,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, mixup, device,
         lr = optimizer.param_groups[0]["lr"]
 
         timer.start()
-        with autocast_for(device):
-            loss = loss_fn(model(images), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        if clip_grad is not None:
-            dispatch_clip_grad(params, value=clip_grad, mode="norm")
-        optimizer.step()
+        loss, grad_norm = train_step(model, images, targets, optimizer, loss_fn, device, params, clip_grad)
         step_ms = timer.stop()
 
         loss_value = loss.item()
@@ -126,7 +141,7 @@ def evaluate(model, loader, device, num_classes: int, epoch: int = 0) -> tuple[d
     there are fewer than 5 classes) and balanced accuracy, accuracies in percent."""
     model.eval()
     timer = BatchTimer(device)
-    channels_last = device.type == "cuda" and not hasattr(model, "blocks")
+    channels_last = uses_channels_last(model, device)
     k = min(5, num_classes)
     loss_sum, correct1, correctk, count = 0.0, 0, 0, 0
     predictions, labels, batches = [], [], []
@@ -221,7 +236,7 @@ def train_recipe(recipe: Recipe, crops_dir: Path, results_dir: Path, profile: st
     cfg = recipe.model
     model = build_model(cfg.name, data.num_classes, cfg.img_size, cfg.dropout, cfg.drop_path_rate,
                         cfg.drop_path_mode, cfg.checkpoint).to(dev)
-    if dev.type == "cuda" and not hasattr(model, "blocks"):
+    if uses_channels_last(model, dev):
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, run)
     scheduler = build_scheduler(optimizer, run, steps_per_epoch)
