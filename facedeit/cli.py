@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_crop(args) -> int:
-    from facedeit.faces import DetectorSettings, crop_folder, split_people, write_split
+    from facedeit.faces import DetectorSettings, crop_folder, person_folders, split_people, write_split
     from facedeit.sources import default_data_dir
 
     data_dir = args.data if args.data is not None else default_data_dir()
@@ -69,7 +69,8 @@ def cmd_crop(args) -> int:
           + f" ({cached} from the cache)")
     for row in manifest[manifest["status"] == "unreadable"].itertuples():
         print(f"  unreadable: {row.path}: {row.error}")
-    split, excluded = split_people(manifest, args.min_images, args.val_fraction, args.seed)
+    people = [folder.name for folder in person_folders(data_dir)]
+    split, excluded = split_people(manifest, args.min_images, args.val_fraction, args.seed, people)
     write_split(args.out, split, excluded, args.seed, args.val_fraction, args.min_images)
     if excluded:
         print(f"left out {len(excluded)} people with fewer than {args.min_images} crops: "

@@ -76,17 +76,22 @@ def list_photos(data_dir: Path) -> list[tuple[str, Path]]:
     and are skipped. Files with other suffixes are listed too, so that the
     manifest reports them as unreadable.
     """
+    return [
+        (person.name, f)
+        for person in person_folders(data_dir)
+        for f in sorted(person.iterdir())
+        if f.is_file() and not f.name.startswith(".")
+    ]
+
+
+def person_folders(data_dir: Path) -> list[Path]:
+    """The non-hidden sub-folders of `data_dir`, one per person, sorted by name."""
     if not data_dir.is_dir():
         raise CropError(f"{data_dir}: photo folder not found")
     people = sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not people:
         raise CropError(f"{data_dir}: no person folders found; expected {data_dir}/<person>/<photo>")
-    return [
-        (person.name, f)
-        for person in people
-        for f in sorted(person.iterdir())
-        if f.is_file() and not f.name.startswith(".")
-    ]
+    return people
 
 
 class FaceCropper:
@@ -186,13 +191,15 @@ def crop_folder(data_dir: Path, out_dir: Path, settings: DetectorSettings, devic
     return manifest
 
 
-def split_people(manifest: pd.DataFrame, min_images: int = 2, val_fraction: float = 0.2,
-                 seed: int = 0) -> tuple[pd.DataFrame, dict[str, int]]:
+def split_people(manifest: pd.DataFrame, min_images: int = 2, val_fraction: float = 0.2, seed: int = 0,
+                 people: list[str] | None = None) -> tuple[pd.DataFrame, dict[str, int]]:
     """Split each person's crops into train and val, seeded per person.
 
-    People with fewer than `min_images` crops are left out and returned with
-    their crop counts. Every kept person gets at least one val and one train
-    image. Labels are indices into the sorted names of the kept people.
+    `people` names every person folder, so that empty folders, which have no
+    manifest rows, are reported too. People with fewer than `min_images`
+    crops are left out and returned with their crop counts. Every kept person
+    gets at least one val and one train image. Labels are indices into the
+    sorted names of the kept people.
     """
     if min_images < 2:
         raise CropError(f"--min-images must be at least 2 (one train and one val image), got {min_images}")
@@ -200,7 +207,7 @@ def split_people(manifest: pd.DataFrame, min_images: int = 2, val_fraction: floa
         raise CropError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
     cropped = manifest[manifest["status"] == "cropped"]
     counts = cropped.groupby("person").size()
-    all_people = sorted(manifest["person"].unique())
+    all_people = sorted(set(manifest["person"]) | set(people or []))
     excluded = {p: int(counts.get(p, 0)) for p in all_people if counts.get(p, 0) < min_images}
     kept = [p for p in all_people if p not in excluded]
     if len(kept) < 2:

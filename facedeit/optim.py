@@ -23,8 +23,11 @@ def build_optimizer(model: nn.Module, run: Resolved) -> torch.optim.Optimizer:
     else:
         # timm's "momentum" is torch SGD with momentum; "nesterov" adds Nesterov momentum.
         name, extra = ("nesterov" if opt.nesterov else "momentum"), {}
+    # timm groups a module's parameters and always exempts model.no_weight_decay();
+    # a plain parameter list keeps one group with decay on every tensor, as
+    # torch.optim.AdamW(model.parameters()) does.
     return create_optimizer_v2(
-        model,
+        model if opt.no_decay_bias_norm else list(model.parameters()),
         opt=name,
         lr=run.lr,
         weight_decay=opt.weight_decay,

@@ -156,7 +156,8 @@ def _build(cls, raw, prefix):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise RecipeError(f"{prefix}{unknown[0]}: unknown key (allowed: {', '.join(sorted(fields))})")
+        allowed = sorted(set(fields) - ({"name"} if cls is Recipe else set()))
+        raise RecipeError(f"{prefix}{unknown[0]}: unknown key (allowed: {', '.join(allowed)})")
     hints = typing.get_type_hints(cls)
     values = {}
     for name, f in fields.items():
@@ -173,7 +174,8 @@ def _build(cls, raw, prefix):
 def _convert(hint, value, key):
     """Convert a YAML value to the annotated type, or raise RecipeError naming the key."""
     if dataclasses.is_dataclass(hint):
-        if hint is LrRule and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if hint is LrRule and not isinstance(value, dict):
+            # `lr: 0.003` is short for `lr: {base: 0.003}`.
             value = {"base": value}
         return _build(hint, value, key + ".")
     origin = typing.get_origin(hint)
