@@ -48,13 +48,12 @@ def schedule_lengths(run: Resolved, steps_per_epoch: int) -> dict[str, int]:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, run: Resolved, steps_per_epoch: int):
-    """A timm scheduler stepped once per update with `step_update(updates_done)`.
+    """Build a timm scheduler that is stepped once per update with `step_update(updates_done)`.
 
-    Warmup is counted in updates and starts at the first one: update 0 runs at
-    `warmup_lr`, update `warmup_updates` at the full lr. (deit's main.py steps
-    its scheduler with the epoch index, which starts the warmup one epoch late.)
-    The decay runs over the updates after the warmup and reaches `min_lr`
-    after the last one.
+    Warmup is counted in updates and starts at the first one, so update 0 runs
+    at `warmup_lr` and update `warmup_updates` at the full lr. deit's main.py
+    steps its scheduler with the epoch index instead, which starts the warmup
+    one epoch late. The decay runs over the updates after the warmup.
     """
     from timm.scheduler import CosineLRScheduler, StepLRScheduler
 

@@ -1,9 +1,9 @@
 """Training recipes: YAML files -> validated, frozen dataclasses, plus profiles.
 
 A recipe describes the real run. A profile (`smoke`, `quick`, `full`) scales
-it for a smaller machine without editing the file; `resolve` is the one place
-that computes derived values (the scaled lr, the scaled warmup), and it
-records every value a profile changed.
+it for a smaller machine without editing the file. `resolve` is the one place
+that computes derived values, such as the scaled lr and warmup, and it records
+every value a profile changed.
 """
 
 import dataclasses
@@ -252,7 +252,7 @@ def _check_consistency(recipe: Recipe) -> None:
 
 @dataclass(frozen=True)
 class Profile:
-    """How a profile shrinks a recipe: None leaves the recipe's value."""
+    """Limits a profile puts on a recipe; None keeps the recipe's value."""
 
     name: str
     max_epochs: int | None = None

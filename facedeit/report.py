@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from facedeit.bench_table import benchmark_section
 from facedeit.claims import Criteria, claim_verdict, run_outcome
 from facedeit.io import write_csv_atomic, write_text_atomic
 from facedeit.paper_table import paper_table
@@ -44,7 +45,10 @@ def accuracy_table(runs: list[dict]) -> pd.DataFrame:
         row = {"run": info["run"], "model": info["model"]["name"], "profile": info["profile"],
                "status": info["status"], "epochs": info.get("epochs_done", 0),
                "device": info["env"]["device_name"]}
+        if not run["steps"].empty:
+            row.update(images_seen=int(run["steps"]["images"].sum()))
         if not epochs.empty:
+            row.update(train_minutes=epochs["train_s"].sum() / 60)
             last = epochs.iloc[-1]
             best = epochs.loc[epochs["val_top1"].idxmax()]
             row.update(final_top1=last["val_top1"], best_top1=best["val_top1"], best_epoch=int(best["epoch"]),
@@ -167,6 +171,9 @@ def write_report(results_dir: Path, recipes_dir: Path = Path("recipes"), criteri
     plot_curves(runs, plots_dir)
 
     text = _render(runs, accuracy, throughput, claims, paper, criteria)
+    benchmarks = benchmark_section(results_dir)
+    if benchmarks:
+        text += "\n" + benchmarks.rstrip() + "\n"
     path = results_dir / "REPORT.md"
     write_text_atomic(path, text)
     return path
