@@ -1,0 +1,52 @@
+"""The SGD-versus-AdamW verdict on hand-made run files; nothing is trained."""
+
+import pandas as pd
+import pytest
+
+from facedeit.claims import FAILS, NEITHER, WORKS, Criteria, claim_verdict, run_outcome
+
+
+def _run(status="finished", majority=20.0):
+    return {"run": "r", "recipe": "seed_sgd", "status": status, "epochs_done": 3,
+            "data": {"majority_top1": majority}}
+
+
+def _steps(start, end):
+    return pd.DataFrame({"epoch": [0] * 10 + [2] * 5, "loss": [start] * 10 + [end] * 5})
+
+
+def _epochs(top1):
+    return pd.DataFrame({"epoch": [0, 1, 2], "val_top1": [10.0, 15.0, top1]})
+
+
+@pytest.mark.parametrize("start, end, top1, outcome", [
+    (4.0, 3.9, 21.0, FAILS),      # 2.5% drop, 1 point above majority
+    (4.0, 2.0, 45.0, WORKS),      # 50% drop, 25 points above
+    (4.0, 2.0, 22.0, NEITHER),    # loss fell but val top-1 did not rise
+    (4.0, 3.9, 40.0, NEITHER),    # val rose while the loss stayed
+])
+def test_outcome_thresholds(start, end, top1, outcome):
+    row = run_outcome(_run(), _steps(start, end), _epochs(top1), Criteria())
+    assert row["outcome"] == outcome
+    assert row["loss_drop"] == pytest.approx(1 - end / start)
+    assert row["top1_margin"] == pytest.approx(top1 - 20.0)
+
+
+def test_diverged_run_fails():
+    row = run_outcome(_run(status="diverged"), _steps(4.0, 4.0).head(3), pd.DataFrame(), Criteria())
+    assert row["outcome"] == FAILS
+
+
+def test_run_without_epochs_is_neither():
+    assert run_outcome(_run(status="failed"), pd.DataFrame(), pd.DataFrame(), Criteria())["outcome"] == NEITHER
+
+
+@pytest.mark.parametrize("sgd, adamw, verdict", [
+    ([FAILS], [WORKS, WORKS], "holds"),
+    ([FAILS], [WORKS, FAILS], "does not hold"),
+    ([WORKS], [WORKS], "does not hold"),
+    ([NEITHER], [WORKS], "inconclusive"),
+    ([], [WORKS], "inconclusive"),
+])
+def test_claim_verdict(sgd, adamw, verdict):
+    assert claim_verdict(sgd, adamw) == verdict

@@ -1,0 +1,121 @@
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from facedeit.cli import main
+from facedeit.recipes import PROFILES, RecipeError, load_recipe, resolve
+from tests.conftest import REPO, TINY_RECIPE, write_recipe
+
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_recipe_loads_under_every_profile(path):
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem
+    for profile in PROFILES:
+        run = resolve(recipe, profile)
+        assert run.epochs <= recipe.epochs
+        assert run.lr > 0
+
+
+def test_team_recipes_match_their_description():
+    adamw = load_recipe(REPO / "recipes/seed_adamw.yaml")
+    sgd = load_recipe(REPO / "recipes/seed_sgd.yaml")
+    assert (adamw.optimizer.name, adamw.optimizer.lr.base, adamw.optimizer.betas) == ("adamw", 3e-3, (0.9, 0.999))
+    assert (adamw.optimizer.eps, adamw.optimizer.weight_decay) == (1e-8, 0.01)
+    assert (adamw.schedule.name, adamw.epochs, adamw.batch_size) == ("cosine", 25, 32)
+    assert (sgd.optimizer.name, sgd.optimizer.lr.base, sgd.optimizer.momentum) == ("sgd", 1e-2, 0.9)
+    assert (sgd.schedule.name, sgd.schedule.step_epochs, sgd.schedule.gamma) == ("step", 7, 0.1)
+    for name in ("resnet18_sgd", "resnet18_adamw"):
+        baseline = load_recipe(REPO / f"recipes/{name}.yaml")
+        assert baseline.model.name == "resnet18"
+
+
+@pytest.mark.parametrize("text, key", [
+    (TINY_RECIPE + "epoch: 3\n", "epoch: unknown key"),
+    (TINY_RECIPE.replace("weight_decay: 0.05", "weight_decay: 0.05, wd: 1"), "optimizer.wd: unknown key"),
+    (TINY_RECIPE + "augment: {mixup: 0.8, cutmixx: 1.0}\n", "augment.cutmixx: unknown key"),
+    (TINY_RECIPE.replace("lr: 1.0e-3", "lr: -1.0e-3"), "optimizer.lr.base: -0.001 must be greater than 0"),
+    (TINY_RECIPE.replace("lr: 1.0e-3", "lr: fast"), "optimizer.lr.base: expected a number"),
+    (TINY_RECIPE.replace("epochs: 2", "epochs: 2.5"), "epochs: expected an integer"),
+    (TINY_RECIPE.replace("name: adamw", "name: adam"), "optimizer.name: invalid value 'adam'"),
+    (TINY_RECIPE.replace("deit_tiny_ls", "vit_huge"), "model.name: invalid value 'vit_huge'"),
+    (TINY_RECIPE + "label_smoothing: 1.5\n", "label_smoothing: 1.5 is outside [0, 1]"),
+    (TINY_RECIPE.replace("batch_size: 8", "batch_size: 7") + "augment: {mixup: 0.8}\n", "batch_size: mixup and cutmix need an even batch"),
+    (TINY_RECIPE.replace("name: cosine", "name: step"), "schedule.step_epochs: required"),
+    (TINY_RECIPE.replace("warmup_epochs: 0.5", "warmup_epochs: 2"), "schedule.warmup_epochs: 2.0 is not below epochs"),
+    (TINY_RECIPE.replace("epochs: 2\n", ""), "epochs: missing required key"),
+    ("name: x\n" + TINY_RECIPE, "name: not a recipe key"),
+    ("- just\n- a list\n", "expected a mapping"),
+    ("model: {name: [unclosed\n", "invalid YAML"),
+])
+def test_bad_recipe_is_rejected_by_file_and_key(tmp_path, text, key):
+    path = write_recipe(tmp_path / "bad.yaml", text)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: ")
+    assert key in message
+    assert "\n" not in message
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_exponent_without_dot_is_a_number(tmp_path):
+    # PyYAML reads 3e-3 as the string "3e-3".
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", TINY_RECIPE.replace("1.0e-3", "3e-3")))
+    assert recipe.optimizer.lr.base == pytest.approx(3e-3)
+
+
+def test_recipe_is_frozen():
+    recipe = load_recipe(REPO / "recipes/seed_adamw.yaml")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        recipe.epochs = 1
+
+
+def test_quick_profile_rescales_lr_by_the_rule_and_records_changes():
+    recipe = load_recipe(REPO / "recipes/deit_b_paper.yaml")
+    run = resolve(recipe, "quick")
+    assert run.batch_size == 64
+    assert run.lr == pytest.approx(0.0005 * 64 / 512)
+    assert run.epochs == PROFILES["quick"].max_epochs
+    assert run.warmup_epochs == pytest.approx(5 * run.epochs / 300)
+    assert run.changes["lr"] == {"recipe": pytest.approx(0.0005 * 1024 / 512), "used": pytest.approx(run.lr)}
+    assert run.changes["batch_size"] == {"recipe": 1024, "used": 64}
+    assert set(run.changes) >= {"epochs", "batch_size", "lr", "warmup_epochs"}
+
+
+def test_full_profile_changes_nothing():
+    run = resolve(load_recipe(REPO / "recipes/vit_b_paper.yaml"), "full")
+    assert run.changes == {}
+    assert (run.epochs, run.batch_size, run.lr, run.warmup_epochs) == (300, 4096, 3e-3, 3.4)
+
+
+def test_step_length_scales_with_epochs():
+    run = resolve(load_recipe(REPO / "recipes/seed_sgd.yaml"), "quick")
+    assert run.step_epochs == pytest.approx(7 * run.epochs / 25)
+
+
+def test_unknown_profile():
+    with pytest.raises(RecipeError, match="unknown profile 'fast'"):
+        resolve(load_recipe(REPO / "recipes/seed_sgd.yaml"), "fast")
+
+
+def test_cli_recipe_show_prints_resolved_values(capsys):
+    assert main(["recipe", "show", str(REPO / "recipes/deit_b_paper.yaml"), "--profile", "quick"]) == 0
+    out = capsys.readouterr().out
+    assert '"lr": 6.25e-05' in out
+    assert '"profile": "quick"' in out
+
+
+def test_cli_bad_recipe_is_one_line_and_exit_2(tmp_path, capsys):
+    path = write_recipe(tmp_path / "typo.yaml", TINY_RECIPE + "optimiser: {}\n")
+    assert main(["recipe", "show", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"facedeit: error: {path}: optimiser: unknown key (allowed: augment, batch_size, clip_grad, " \
+                  "description, epochs, label_smoothing, model, optimizer, schedule, source)"
