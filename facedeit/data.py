@@ -101,17 +101,23 @@ def build_transforms(run: Resolved):
 
 
 def build_train_sampler(dataset: Dataset, run: Resolved, num_replicas: int = 1, rank: int = 0):
-    """Return timm's RepeatAugSampler when the recipe repeats augmentations, else None (shuffle).
+    """Return the shuffling train sampler for one rank of `num_replicas`.
 
-    Unlike deit's RASampler, it stays on with one device, and `selected_round=0`
-    keeps timm from rounding the epoch down to a multiple of 256 images, which
-    would leave a small face data set with no samples at all.
+    timm's RepeatAugSampler when the recipe repeats augmentations, else
+    torch's DistributedSampler, also on a single process: with one sampler for
+    every world size, the ranks of a multi-process run split exactly the batch
+    a single process would draw. Unlike deit's RASampler, repeated augmentation
+    stays on with one device, and `selected_round=0` keeps timm from rounding
+    the epoch down to a multiple of 256 images, which would leave a small face
+    data set with no samples at all.
     """
     from timm.data.distributed_sampler import RepeatAugSampler
+    from torch.utils.data import DistributedSampler
 
     aug = run.recipe.augment
     if aug.repeated_aug <= 1:
-        return None
+        # The shuffle seed is passed through set_epoch, as for RepeatAugSampler.
+        return DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=0)
     if aug.repeated_aug_epoch == "dataset":
         # An epoch keeps the data set's length: about len/repeats distinct images, each `repeats` times.
         selected_ratio = num_replicas
@@ -146,15 +152,14 @@ def build_mixup(run: Resolved, num_classes: int):
 class Loaders:
     train: DataLoader
     val: DataLoader
-    sampler: object | None
+    sampler: object
     generator: torch.Generator
 
     def set_epoch(self, seed: int, epoch: int) -> None:
         """Seed the shuffle for (seed, epoch), so a resumed run sees the same batches."""
         self.generator.manual_seed(seed * 100_003 + epoch)
-        if self.sampler is not None:
-            # timm's sampler shuffles with the epoch alone, so the run seed is folded in.
-            self.sampler.set_epoch(seed * 100_003 + epoch)
+        # Both samplers shuffle with the number given here, so the run seed is folded in.
+        self.sampler.set_epoch(seed * 100_003 + epoch)
 
 
 def build_loaders(data: FaceData, run: Resolved, num_replicas: int = 1, rank: int = 0) -> Loaders:
@@ -167,7 +172,7 @@ def build_loaders(data: FaceData, run: Resolved, num_replicas: int = 1, rank: in
     # batch is dropped when it would be odd. Without mixup only an empty epoch
     # forces keeping a short last batch.
     drop_last = run.recipe.mixup_active
-    samples = len(sampler) if sampler is not None else len(train_set)
+    samples = len(sampler)
     if drop_last and samples < run.batch_size:
         raise ValueError(
             f"batch_size {run.batch_size} is larger than the {samples} training images per epoch; "
@@ -177,7 +182,7 @@ def build_loaders(data: FaceData, run: Resolved, num_replicas: int = 1, rank: in
         raise ValueError("no training images")
     workers = run.num_workers
     train = DataLoader(
-        train_set, batch_size=run.batch_size, shuffle=sampler is None, sampler=sampler,
+        train_set, batch_size=run.batch_size, sampler=sampler,
         drop_last=drop_last, num_workers=workers, generator=generator,
         persistent_workers=False, pin_memory=torch.cuda.is_available(),
     )

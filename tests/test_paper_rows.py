@@ -157,8 +157,10 @@ def test_repeated_aug_dataset_epoch_keeps_length_and_never_empties_a_small_set()
         assert indices[0] == indices[1] == indices[2]
 
 
-def test_no_repeated_aug_sampler_for_vit_b():
-    assert build_train_sampler(list(range(10)), _resolved(VIT_B)) is None
+def test_vit_b_sampler_shows_each_image_once():
+    sampler = build_train_sampler(list(range(10)), _resolved(VIT_B))
+    sampler.set_epoch(0)
+    assert sorted(sampler) == list(range(10))
 
 
 def test_randaugment_and_erasing_in_train_transform_only():
