@@ -39,7 +39,9 @@ class Criteria:
 def run_outcome(info: dict, steps: pd.DataFrame, epochs: pd.DataFrame, criteria: Criteria) -> dict:
     """Measure one run against the criteria: loss drop, top-1 margin, and fails/works/neither."""
     row = {"run": info["run"], "recipe": info["recipe"], "status": info["status"],
-           "epochs_done": info.get("epochs_done", 0), "majority_top1": info["data"]["majority_top1"]}
+           "epochs_done": info.get("epochs_done", 0),
+           "images_seen": int(steps["images"].sum()) if "images" in steps else None,
+           "majority_top1": info["data"]["majority_top1"]}
     if info["status"] == "diverged" or steps.empty or epochs.empty:
         row.update(start_loss=None, end_loss=None, loss_drop=None, val_top1=None, top1_margin=None,
                    outcome=FAILS if info["status"] == "diverged" else NEITHER)

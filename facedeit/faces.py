@@ -209,12 +209,13 @@ def split_people(manifest: pd.DataFrame, min_images: int = 2, val_fraction: floa
     counts = cropped.groupby("person").size()
     all_people = sorted(set(manifest["person"]) | set(people or []))
     excluded = {p: int(counts.get(p, 0)) for p in all_people if counts.get(p, 0) < min_images}
-    kept = [p for p in all_people if p not in excluded]
-    if len(kept) < 2:
-        raise CropError(f"only {len(kept)} people have at least {min_images} face crops; need 2 or more to classify")
+    included = [p for p in all_people if p not in excluded]
+    if len(included) < 2:
+        raise CropError(f"{len(included)} person folder(s) have at least {min_images} face crops; "
+                        "classification needs 2 or more, so add people or photos")
 
     rows = []
-    for label, person in enumerate(kept):
+    for label, person in enumerate(included):
         # Drop repeated crops of identical photos so no image sits in both train and val.
         crops = sorted(set(cropped.loc[cropped["person"] == person, "crop"]))
         random.Random(f"{seed}:{person}").shuffle(crops)

@@ -8,7 +8,7 @@ from PIL import Image
 
 from facedeit.cli import main
 from facedeit.faces import CropError, DetectorSettings, crop_folder, list_photos, load_rgb, split_people
-from tests.conftest import PEOPLE, SHARED_LFW, link_people, needs_lfw, real_photos
+from tests.conftest import PEOPLE, SHARED_ATT, link_people, needs_lfw, real_photos
 
 
 @pytest.fixture
@@ -38,7 +38,7 @@ def test_manifest_statuses(mixed_dir, tmp_path):
 
 
 @needs_lfw
-def test_crops_are_160_rgb_and_probabilities_recorded(mixed_dir, tmp_path):
+def test_crops_160_rgb_with_probability(mixed_dir, tmp_path):
     manifest = crop_folder(mixed_dir, tmp_path / "out", DetectorSettings(), progress=False)
     cropped = manifest[manifest["status"] == "cropped"]
     for crop in cropped["crop"]:
@@ -48,7 +48,7 @@ def test_crops_are_160_rgb_and_probabilities_recorded(mixed_dir, tmp_path):
 
 
 @needs_lfw
-def test_second_run_crops_nothing_and_changed_photo_is_cropped_again(mixed_dir, tmp_path):
+def test_crop_cache_reuse_and_invalidation(mixed_dir, tmp_path):
     out = tmp_path / "out"
     first = crop_folder(mixed_dir, out, DetectorSettings(), progress=False)
     crop_files = sorted((out / "crops").rglob("*.png"))
@@ -70,7 +70,7 @@ def test_second_run_crops_nothing_and_changed_photo_is_cropped_again(mixed_dir, 
 
 
 @needs_lfw
-def test_changed_detector_settings_miss_the_cache(mixed_dir, tmp_path):
+def test_detector_settings_change_misses_cache(mixed_dir, tmp_path):
     out = tmp_path / "out"
     crop_folder(mixed_dir, out, DetectorSettings(), progress=False)
     again = crop_folder(mixed_dir, out, DetectorSettings(margin=0), progress=False)
@@ -129,13 +129,14 @@ def _manifest(counts: dict[str, int]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def test_split_is_seeded_per_person_with_one_val_at_least():
+def test_split_seeded_per_person():
     manifest = _manifest({"A": 10, "B": 2, "C": 3, "D": 1})
     split, excluded = split_people(manifest, min_images=2, val_fraction=0.2, seed=0)
     assert excluded == {"D": 1, "Empty": 0}
     assert sorted(split["person"].unique()) == ["A", "B", "C"]
     per_person = split.groupby(["person", "split"]).size().unstack(fill_value=0)
-    assert (per_person["val"] >= 1).all() and (per_person["train"] >= 1).all()
+    assert (per_person["val"] >= 1).all()
+    assert (per_person["train"] >= 1).all()
     assert per_person.loc["A", "val"] == 2
     assert dict(zip(split["person"], split["label"])) == {"A": 0, "B": 1, "C": 2}
 
@@ -146,15 +147,15 @@ def test_split_is_seeded_per_person_with_one_val_at_least():
     assert not set(split.loc[split["split"] == "val", "crop"]) & set(split.loc[split["split"] == "train", "crop"])
 
 
-def test_split_of_one_person_left_is_an_error():
-    with pytest.raises(CropError, match="only 1 people"):
+def test_split_rejects_single_person():
+    with pytest.raises(CropError, match="1 person folder\\(s\\) have at least 2 face crops"):
         split_people(_manifest({"A": 5, "B": 1}), min_images=2)
     with pytest.raises(CropError, match="--min-images must be at least 2"):
         split_people(_manifest({"A": 5, "B": 5}), min_images=1)
 
 
 @needs_lfw
-def test_cli_crop_lists_left_out_people_and_writes_split(tmp_path, capsys):
+def test_cli_crop_lists_left_out_people(tmp_path, capsys):
     root = link_people(tmp_path / "photos", PEOPLE[:3], count=3)
     (root / "Nobody").mkdir()
     link_people(tmp_path / "one", PEOPLE[3:4], count=1)
@@ -168,8 +169,23 @@ def test_cli_crop_lists_left_out_people_and_writes_split(tmp_path, capsys):
     assert sorted(split["person"].unique()) == sorted(PEOPLE[:3])
 
 
-def test_cli_crop_missing_folder_is_one_line(tmp_path, capsys):
+def test_cli_crop_missing_folder(tmp_path, capsys):
     assert main(["crop", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"facedeit: error: {tmp_path / 'nope'}: photo folder not found"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not SHARED_ATT.is_dir(), reason=f"{SHARED_ATT} not found")
+def test_crop_greyscale_pgm_faces(tmp_path):
+    """The AT&T faces: 92x112 greyscale PGM, tightly cropped on a dark background."""
+    root = tmp_path / "att"
+    for person in ("s1", "s2"):
+        (root / person).mkdir(parents=True)
+        for photo in sorted((SHARED_ATT / person).glob("*.pgm"))[:3]:
+            (root / person / photo.name).symlink_to(photo)
+    manifest = crop_folder(root, tmp_path / "out", DetectorSettings(), progress=False)
+    assert len(manifest) == 6
+    assert (manifest["status"] == "cropped").sum() >= 4
+    with Image.open(tmp_path / "out" / manifest.loc[manifest["status"] == "cropped", "crop"].iloc[0]) as crop:
+        assert (crop.size, crop.mode) == ((160, 160), "RGB")

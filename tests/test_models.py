@@ -5,7 +5,7 @@ from facedeit.models import MODEL_NAMES, build_model, load_start_weights
 
 
 @pytest.mark.parametrize("name", ["deit_tiny_ls", "resnet18", "inception_resnet_v1"])
-def test_forward_at_160_gives_one_logit_per_person(name):
+def test_forward_at_160(name):
     model = build_model(name, num_classes=7).eval()
     with torch.inference_mode():
         assert model(torch.randn(2, 3, 160, 160)).shape == (2, 7)
@@ -16,11 +16,13 @@ def test_forward_at_160_gives_one_logit_per_person(name):
 ])
 def test_deit_ls_layout(name, width, depth, heads, params_m):
     model = build_model(name, num_classes=10)
-    assert model.embed_dim == width and len(model.blocks) == depth
+    assert model.embed_dim == width
+    assert len(model.blocks) == depth
     assert model.blocks[0].attn.num_heads == heads
     # Position embedding over the 10x10 patches only; the cls token is added after it.
     assert model.pos_embed.shape == (1, 100, width)
-    assert model.no_embed_class and model.cls_token.shape == (1, 1, width)
+    assert model.no_embed_class
+    assert model.cls_token.shape == (1, 1, width)
     assert torch.all(model.blocks[0].ls1.gamma == 1e-4)
     assert model.blocks[0].norm1.eps == 1e-6
     assert model.blocks[0].attn.qkv.bias is not None
@@ -38,7 +40,7 @@ def test_unknown_model():
         build_model("vit_giant", 3)
 
 
-def test_start_checkpoint_keeps_matching_tensors_and_skips_other_heads(tmp_path):
+def test_start_checkpoint_partial_load(tmp_path):
     source = build_model("deit_tiny_ls", num_classes=5)
     path = tmp_path / "start.pt"
     torch.save({"model": source.state_dict()}, path)

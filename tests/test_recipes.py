@@ -11,7 +11,7 @@ RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
-def test_every_recipe_loads_under_every_profile(path):
+def test_recipes_load_under_profiles(path):
     recipe = load_recipe(path)
     assert recipe.name == path.stem
     for profile in PROFILES:
@@ -20,7 +20,7 @@ def test_every_recipe_loads_under_every_profile(path):
         assert run.lr > 0
 
 
-def test_team_recipes_match_their_description():
+def test_team_recipe_values():
     adamw = load_recipe(REPO / "recipes/seed_adamw.yaml")
     sgd = load_recipe(REPO / "recipes/seed_sgd.yaml")
     assert (adamw.optimizer.name, adamw.optimizer.lr.base, adamw.optimizer.betas) == ("adamw", 3e-3, (0.9, 0.999))
@@ -51,7 +51,7 @@ def test_team_recipes_match_their_description():
     ("- just\n- a list\n", "expected a mapping"),
     ("model: {name: [unclosed\n", "invalid YAML"),
 ])
-def test_bad_recipe_is_rejected_by_file_and_key(tmp_path, text, key):
+def test_bad_recipe_names_file_and_key(tmp_path, text, key):
     path = write_recipe(tmp_path / "bad.yaml", text)
     with pytest.raises(RecipeError) as err:
         load_recipe(path)
@@ -66,7 +66,7 @@ def test_missing_recipe_file(tmp_path):
         load_recipe(tmp_path / "nope.yaml")
 
 
-def test_exponent_without_dot_is_a_number(tmp_path):
+def test_exponent_without_dot_parses(tmp_path):
     # PyYAML reads 3e-3 as the string "3e-3".
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", TINY_RECIPE.replace("1.0e-3", "3e-3")))
     assert recipe.optimizer.lr.base == pytest.approx(3e-3)
@@ -78,7 +78,7 @@ def test_recipe_is_frozen():
         recipe.epochs = 1
 
 
-def test_quick_profile_rescales_lr_by_the_rule_and_records_changes():
+def test_quick_profile_rescales_lr():
     recipe = load_recipe(REPO / "recipes/deit_b_paper.yaml")
     run = resolve(recipe, "quick")
     assert run.batch_size == 64
@@ -113,7 +113,7 @@ def test_cli_recipe_show_prints_resolved_values(capsys):
     assert '"profile": "quick"' in out
 
 
-def test_cli_bad_recipe_is_one_line_and_exit_2(tmp_path, capsys):
+def test_cli_bad_recipe_one_line(tmp_path, capsys):
     path = write_recipe(tmp_path / "typo.yaml", TINY_RECIPE + "optimiser: {}\n")
     assert main(["recipe", "show", str(path)]) == 2
     err = capsys.readouterr().err.strip()
