@@ -9,6 +9,11 @@ PROFILE ?= quick
 SEED ?= 0
 CROPS ?= cache/faces
 RESULTS ?= results
+# NPROC > 1 trains with torchrun on NPROC processes (one per GPU); ACCUM splits
+# each process's share of the batch into micro-batches.
+NPROC ?= 1
+ACCUM ?= 1
+LAUNCH = $(if $(filter 1,$(NPROC)),$(PY) -m facedeit,$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m facedeit)
 RECIPES ?= recipes/seed_adamw.yaml recipes/seed_sgd.yaml \
 	recipes/resnet18_sgd.yaml recipes/resnet18_adamw.yaml \
 	recipes/vit_b_paper_tiny.yaml recipes/deit_b_paper_tiny.yaml
@@ -17,7 +22,6 @@ RECIPES ?= recipes/seed_adamw.yaml recipes/seed_sgd.yaml \
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --upgrade pip
 	$(VENV)/bin/pip install -e .
 	touch $@
 
@@ -27,8 +31,8 @@ crop: install
 	$(PY) -m facedeit crop $(if $(DATA),--data "$(DATA)") --out $(CROPS)
 
 train: crop
-	$(PY) -m facedeit run $(RECIPES) --crops $(CROPS) --results $(RESULTS) \
-		--profile $(PROFILE) --seed $(SEED) --resume
+	$(LAUNCH) run $(RECIPES) --crops $(CROPS) --results $(RESULTS) \
+		--profile $(PROFILE) --seed $(SEED) --accum-steps $(ACCUM) --resume
 
 report: install
 	$(PY) -m facedeit report --results $(RESULTS)
@@ -40,7 +44,11 @@ test: install
 	$(PY) -m pytest tests
 
 bench: install
-	$(PY) -m pytest benchmarks --benchmark-only
+	mkdir -p $(RESULTS)/benchmarks
+	kind=$$($(PY) -m facedeit.bench) && \
+	FACEDEIT_BENCH_OUT=$(RESULTS)/benchmarks FACEDEIT_BENCH_CROPS=$(CROPS) $(if $(DATA),FACEDEIT_BENCH_PHOTOS="$(DATA)") \
+	$(PY) -m pytest benchmarks --benchmark-only \
+		--benchmark-json $(RESULTS)/benchmarks/benchmarks-$$kind.json
 
 # Remove the trained runs (not the crop cache), to train every recipe again.
 clean-runs:

@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--resume", action="store_true", help="continue an unfinished run from its last checkpoint")
         p.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
         p.add_argument("--keep-checkpoints", type=int, default=3, help="newest epoch checkpoints kept per run (default: %(default)s)")
+        p.add_argument("--accum-steps", type=int, default=1,
+                       help="split each process's share of the batch into this many micro-batches (default: %(default)s)")
         p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     report = sub.add_parser("report", help="write results/REPORT.md, tables and plots from the run folders")
@@ -90,19 +92,27 @@ def cmd_recipe_show(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from facedeit.distributed import init_world, shutdown
     from facedeit.recipes import load_recipe
     from facedeit.train import train_recipe
 
     # Load every recipe first, so a typo in the last file stops the command before any training.
     recipes = [(path, load_recipe(path)) for path in args.recipes]
+    world, device = init_world(args.device)
+    if not world.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
     statuses = {}
-    for path, recipe in recipes:
-        info = train_recipe(recipe, args.crops, args.results, args.profile, args.seed, args.resume, args.device,
-                            progress=not args.no_progress, keep_checkpoints=args.keep_checkpoints,
-                            recipe_file=str(path))
-        statuses[info["run"]] = info["status"]
-    for run, status in statuses.items():
-        print(f"{run}: {status}")
+    try:
+        for path, recipe in recipes:
+            info = train_recipe(recipe, args.crops, args.results, args.profile, args.seed, args.resume, device,
+                                progress=not args.no_progress, keep_checkpoints=args.keep_checkpoints,
+                                recipe_file=str(path), world=world, accum_steps=args.accum_steps)
+            statuses[info["run"]] = info["status"]
+    finally:
+        shutdown(world)
+    if world.is_main:
+        for run, status in statuses.items():
+            print(f"{run}: {status}")
     # A diverged run is a result, not an error, for `run`; `train` reports it in its exit code.
     if args.command == "train" and "diverged" in statuses.values():
         return 3

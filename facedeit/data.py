@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from facedeit.recipes import Resolved
 
@@ -154,39 +154,64 @@ class Loaders:
     val: DataLoader
     sampler: object
     generator: torch.Generator
+    rank: int = 0
 
     def set_epoch(self, seed: int, epoch: int) -> None:
         """Seed the shuffle for (seed, epoch), so a resumed run sees the same batches."""
-        self.generator.manual_seed(seed * 100_003 + epoch)
+        # Worker seeds differ per rank; the shuffle is shared, so the ranks split one permutation.
+        self.generator.manual_seed(seed * 100_003 + epoch + 7_919 * self.rank)
         # Both samplers shuffle with the number given here, so the run seed is folded in.
         self.sampler.set_epoch(seed * 100_003 + epoch)
 
 
-def build_loaders(data: FaceData, run: Resolved, num_replicas: int = 1, rank: int = 0) -> Loaders:
+def device_batch_size(batch_size: int, world_size: int, accum_steps: int) -> int:
+    """Return the images one rank loads per update; `batch_size` is the global batch."""
+    if accum_steps < 1:
+        raise ValueError(f"accum_steps must be at least 1, got {accum_steps}")
+    if batch_size % (world_size * accum_steps):
+        raise ValueError(
+            f"batch_size {batch_size} is not divisible by {world_size} processes x {accum_steps} "
+            "accumulation steps; pick a batch, process count or --accum-steps that divides it"
+        )
+    return batch_size // world_size
+
+
+def build_loaders(data: FaceData, run: Resolved, num_replicas: int = 1, rank: int = 0,
+                  accum_steps: int = 1) -> Loaders:
+    """Build the train and val loaders of one rank.
+
+    The recipe's batch is the global batch: each of `num_replicas` ranks loads
+    batch / num_replicas images per update and splits them into `accum_steps`
+    micro-batches. Val images are dealt out to the ranks without padding.
+    """
+    batch = device_batch_size(run.batch_size, num_replicas, accum_steps)
     train_tf, eval_tf = build_transforms(run)
     train_set = CropDataset(data.crops_dir, data.train, train_tf)
     val_set = CropDataset(data.crops_dir, data.val, eval_tf)
     sampler = build_train_sampler(train_set, run, num_replicas, rank)
     generator = torch.Generator()
-    # Mixup pairs the batch with its reverse, so it needs an even batch; the last
-    # batch is dropped when it would be odd. Without mixup only an empty epoch
-    # forces keeping a short last batch.
+    # Mixup pairs the batch with its reverse, so it needs an even batch, and the
+    # short last batch is dropped. Without mixup the short last batch is kept.
     drop_last = run.recipe.mixup_active
+    if drop_last and batch % 2:
+        raise ValueError(f"mixup needs an even batch on each process, got {batch}")
     samples = len(sampler)
-    if drop_last and samples < run.batch_size:
+    if drop_last and samples < batch:
         raise ValueError(
-            f"batch_size {run.batch_size} is larger than the {samples} training images per epoch; "
+            f"batch_size {batch} is larger than the {samples} training images per epoch; "
             "mixup needs at least one full batch"
         )
     if not drop_last and samples == 0:
         raise ValueError("no training images")
     workers = run.num_workers
     train = DataLoader(
-        train_set, batch_size=run.batch_size, sampler=sampler,
+        train_set, batch_size=batch, sampler=sampler,
         drop_last=drop_last, num_workers=workers, generator=generator,
         persistent_workers=False, pin_memory=torch.cuda.is_available(),
     )
-    val = DataLoader(val_set, batch_size=max(run.batch_size, 64), shuffle=False, num_workers=workers,
+    if num_replicas > 1:
+        val_set = Subset(val_set, range(rank, len(val_set), num_replicas))
+    val = DataLoader(val_set, batch_size=max(batch, 64), shuffle=False, num_workers=workers,
                      pin_memory=torch.cuda.is_available())
-    return Loaders(train, val, sampler, generator)
+    return Loaders(train, val, sampler, generator, rank)
 

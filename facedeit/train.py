@@ -1,8 +1,8 @@
 """Train one recipe: data, model, optimizer, loop; writes the run folder.
 
-Per update it records loss, lr, gradient norm, images/s and data wait time
-(steps.csv); per epoch val loss, top-1, top-5 and balanced accuracy
-(epochs.csv) and each eval batch's timing (eval_batches.csv). A checkpoint is
+steps.csv gets one row per update: loss, lr, gradient norm, images/s and
+data wait time. epochs.csv gets val loss, top-1, top-5 and balanced accuracy
+per epoch, and eval_batches.csv the timing of each eval batch. A checkpoint is
 written after every epoch, and `resume=True` continues from the last one with
 the same batches and random draws as an uninterrupted run.
 """
@@ -20,7 +20,8 @@ import torch
 from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 
-from facedeit.data import build_loaders, build_mixup, read_split
+from facedeit.data import build_loaders, build_mixup, device_batch_size, read_split
+from facedeit.distributed import World, barrier, gather_objects, mean_over_ranks
 from facedeit.io import write_csv_atomic, write_json_atomic
 from facedeit.models import build_model
 from facedeit.optim import build_optimizer, build_scheduler, build_train_loss, schedule_lengths
@@ -65,18 +66,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_step(model, images, targets, optimizer, loss_fn, device, params, clip_grad=None) -> tuple:
-    """One update: forward, backward, optional clipping, optimizer step.
+def train_step(model, images, targets, optimizer, loss_fn, device, params, clip_grad=None,
+               accum_steps: int = 1) -> tuple:
+    """Run one update: forward, backward, optional clipping, optimizer step.
 
+    With `accum_steps` > 1 the batch is split into that many micro-batches
+    whose gradients add up to the gradient of the whole batch; a
+    DistributedDataParallel model synchronises only after the last one.
     Returns (loss tensor, gradient norm before clipping). Training and the
     benchmarks both call this function, so they time the same work.
     """
     from timm.utils import dispatch_clip_grad
 
-    with autocast_for(device):
-        loss = loss_fn(model(images), targets)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    if accum_steps == 1:
+        with autocast_for(device):
+            loss = loss_fn(model(images), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    else:
+        optimizer.zero_grad(set_to_none=True)
+        loss = accumulate_gradients(model, images, targets, loss_fn, device, accum_steps)
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     if clip_grad is not None:
         dispatch_clip_grad(params, value=clip_grad, mode="norm")
@@ -84,18 +93,43 @@ def train_step(model, images, targets, optimizer, loss_fn, device, params, clip_
     return loss, grad_norm
 
 
+def accumulate_gradients(model, images, targets, loss_fn, device, accum_steps: int) -> torch.Tensor:
+    """Back-propagate the batch in `accum_steps` micro-batches; return the loss of the whole batch.
+
+    Each micro-batch loss is weighted by its share of the images, so the
+    summed gradients equal those of one pass over the batch for any model
+    without batch statistics. BatchNorm normalises each micro-batch on its own.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    image_parts, target_parts = images.chunk(accum_steps), targets.chunk(accum_steps)
+    total = torch.zeros((), device=images.device)
+    for index, (part_images, part_targets) in enumerate(zip(image_parts, target_parts)):
+        last = index == len(image_parts) - 1
+        defer_sync = isinstance(model, DistributedDataParallel) and not last
+        with model.no_sync() if defer_sync else nullcontext():
+            with autocast_for(device):
+                part_loss = loss_fn(model(part_images), part_targets)
+            share = len(part_images) / len(images)
+            (part_loss * share).backward()
+        total = total + part_loss.detach().float() * share
+    return total
+
+
 def uses_channels_last(model, device: torch.device) -> bool:
     """CNNs run channels_last on CUDA; the transformers (which have `blocks`) do not."""
-    return device.type == "cuda" and not hasattr(model, "blocks")
+    return device.type == "cuda" and not hasattr(getattr(model, "module", model), "blocks")
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, mixup, device, epoch, first_update,
-                    clip_grad=None, progress=None, warmup_steps=0) -> list[dict]:
+                    clip_grad=None, progress=None, warmup_steps=0, world: World = World(),
+                    accum_steps: int = 1) -> list[dict]:
     """Run one epoch of updates and return one row per update.
 
     `first_update` is the number of updates done before this epoch; the
-    scheduler is stepped after each update with the new count. Raises
-    NonFiniteLoss on a NaN or infinite loss.
+    scheduler is stepped after each update with the new count. Loss and
+    images are counted over all ranks. Raises NonFiniteLoss on a NaN or
+    infinite loss, on every rank alike.
     """
     model.train()
     timer = BatchTimer(device)
@@ -115,18 +149,20 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, mixup, device,
         lr = optimizer.param_groups[0]["lr"]
 
         timer.start()
-        loss, grad_norm = train_step(model, images, targets, optimizer, loss_fn, device, params, clip_grad)
+        loss, grad_norm = train_step(model, images, targets, optimizer, loss_fn, device, params, clip_grad,
+                                     accum_steps)
         step_ms = timer.stop()
 
-        loss_value = loss.item()
+        loss_value = mean_over_ranks(loss, world)
+        images_done = len(images) * world.size
         if not np.isfinite(loss_value):
             raise NonFiniteLoss(update, loss_value)
         update += 1
         scheduler.step_update(num_updates=update)
         rows.append({
             "epoch": epoch, "step": update, "lr": lr, "loss": loss_value, "grad_norm": float(grad_norm),
-            "images": len(images), "step_ms": step_ms, "data_ms": data_ms,
-            "images_per_s": len(images) / (step_ms / 1000.0), "warmup": len(rows) < warmup_steps,
+            "images": images_done, "step_ms": step_ms, "data_ms": data_ms,
+            "images_per_s": images_done / (step_ms / 1000.0), "warmup": len(rows) < warmup_steps,
         })
         if progress is not None:
             progress.update(1)
@@ -136,9 +172,14 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, mixup, device,
 
 
 @torch.inference_mode()
-def evaluate(model, loader, device, num_classes: int, epoch: int = 0) -> tuple[dict, list[dict]]:
+def evaluate(model, loader, device, num_classes: int, epoch: int = 0,
+             world: World = World()) -> tuple[dict, list[dict]]:
     """Return (val metrics, per-batch timing rows): loss, top-1, top-5 (top-k when
-    there are fewer than 5 classes) and balanced accuracy, accuracies in percent."""
+    there are fewer than 5 classes) and balanced accuracy, accuracies in percent.
+
+    Under torchrun each rank evaluates its share of the val images and the
+    metrics are computed over all of them; timing rows are this rank's.
+    """
     model.eval()
     timer = BatchTimer(device)
     channels_last = uses_channels_last(model, device)
@@ -164,12 +205,17 @@ def evaluate(model, loader, device, num_classes: int, epoch: int = 0) -> tuple[d
         labels.append(targets.cpu())
         batches.append({"epoch": epoch, "batch": batch, "images": len(targets), "ms": ms,
                         "images_per_s": len(targets) / (ms / 1000.0)})
-    y_pred = torch.cat(predictions).numpy()
-    y_true = torch.cat(labels).numpy()
+    y_pred = torch.cat(predictions).numpy() if predictions else np.zeros(0, dtype=np.int64)
+    y_true = torch.cat(labels).numpy() if labels else np.zeros(0, dtype=np.int64)
+    if world.size > 1:
+        shares = gather_objects((loss_sum, correct1, correctk, count, y_pred, y_true), world)
+        loss_sum, correct1, correctk, count = (sum(share[i] for share in shares) for i in range(4))
+        y_pred = np.concatenate([share[4] for share in shares])
+        y_true = np.concatenate([share[5] for share in shares])
     metrics = {
         "val_loss": loss_sum / count,
         "val_top1": 100.0 * correct1 / count,
-        # With fewer than 5 people this is top-k over all of them; top5_k says which k.
+        # With fewer than 5 people this is top-k over all of them; top5_k records k.
         "val_top5": 100.0 * correctk / count,
         "top5_k": k,
         "val_balanced_acc": 100.0 * balanced_accuracy_score(y_true, y_pred),
@@ -178,7 +224,7 @@ def evaluate(model, loader, device, num_classes: int, epoch: int = 0) -> tuple[d
     return metrics, batches
 
 
-def departures_from_recipe(run: Resolved, device: torch.device) -> list[str]:
+def departures_from_recipe(run: Resolved, device: torch.device, world: World = World()) -> list[str]:
     """Describe each way this run differs from the recipe as written."""
     notes = []
     for key, change in run.changes.items():
@@ -190,46 +236,66 @@ def departures_from_recipe(run: Resolved, device: torch.device) -> list[str]:
     if run.recipe.source and run.recipe.model.img_size != 224:
         notes.append(f"img_size {run.recipe.model.img_size} on face crops; the paper trains at 224 on ImageNet")
     if run.recipe.source:
-        notes.append(f"1 device ({device.type}); the paper's batch is spread over several GPUs")
+        notes.append(f"{world.size} process(es) on {device.type}; the paper's batch is spread over several GPUs")
     return notes
 
 
+def _previous_state(info_file: Path, resume: bool, split_sha: str) -> tuple[dict | None, dict | None]:
+    """Return (run.json of an earlier attempt, its newest checkpoint), or raise RunExistsError.
+
+    A finished or diverged run comes back with no checkpoint and is not
+    trained again. An unfinished one needs `resume` and the same split.
+    """
+    if not info_file.is_file():
+        return None, None
+    info = json.loads(info_file.read_text())
+    run_dir = info_file.parent
+    if info["status"] in ("finished", "diverged"):
+        return info, None
+    if not resume:
+        raise RunExistsError(f"{run_dir}: an unfinished run exists; pass --resume to continue it or remove the folder")
+    if info["data"]["split_sha256"] != split_sha:
+        raise RunExistsError(f"{run_dir}: was trained on another split.csv; remove the folder to start again")
+    return info, _latest_checkpoint(run_dir / "checkpoints")
+
+
 def train_recipe(recipe: Recipe, crops_dir: Path, results_dir: Path, profile: str = "quick", seed: int = 0,
-                 resume: bool = False, device: str | None = None, progress: bool = True,
-                 keep_checkpoints: int = 3, recipe_file: str | None = None) -> dict:
+                 resume: bool = False, device: str | torch.device | None = None, progress: bool = True,
+                 keep_checkpoints: int = 3, recipe_file: str | None = None, world: World | None = None,
+                 accum_steps: int = 1) -> dict:
     """Train `recipe` under `profile` and write its run folder; return its run.json content.
 
     A finished run is returned as it is. An unfinished one is continued when
     `resume` is set and otherwise raises RunExistsError, so nothing trained is
     overwritten. A non-finite loss ends the run with status "diverged".
+    Under torchrun (`world` from facedeit.distributed.init_world) every rank
+    trains and only rank 0 writes; the recipe's batch is the global batch.
     """
+    from torch.nn.parallel import DistributedDataParallel
     from tqdm import tqdm
 
+    world = world or World()
+    main_rank = world.is_main
     run = resolve(recipe, profile)
     run_dir = Path(results_dir) / "runs" / run_name(recipe.name, profile, seed)
     ckpt_dir = run_dir / "checkpoints"
     info_file = run_dir / "run.json"
-    dev = pick_device(device)
+    dev = device if isinstance(device, torch.device) else pick_device(device)
 
     # ---- data
     data = read_split(crops_dir, run.max_people, run.max_images_per_person)
     split_sha = file_sha256(Path(crops_dir) / "split.csv")
-    loaders = build_loaders(data, run)
+    loaders = build_loaders(data, run, world.size, world.rank, accum_steps)
     steps_per_epoch = len(loaders.train)
 
     # ---- the run folder: refuse to overwrite, or pick up where it stopped
-    start_epoch, state = 0, None
-    if info_file.is_file():
-        info = json.loads(info_file.read_text())
-        if info["status"] in ("finished", "diverged"):
-            log.info("%s: already %s; skipping", run_dir, info["status"])
-            return info
-        if not resume:
-            raise RunExistsError(f"{run_dir}: an unfinished run exists; pass --resume to continue it or remove the folder")
-        if info["data"]["split_sha256"] != split_sha:
-            raise RunExistsError(f"{run_dir}: was trained on another split.csv; remove the folder to start again")
-        state = _latest_checkpoint(ckpt_dir)
-        start_epoch = state["epoch"] + 1 if state else 0
+    previous, state = _previous_state(info_file, resume, split_sha)
+    # Every rank reads the folder before rank 0 writes to it.
+    barrier(world)
+    if previous is not None and previous["status"] in ("finished", "diverged"):
+        log.info("%s: already %s; skipping", run_dir, previous["status"])
+        return previous
+    start_epoch = state["epoch"] + 1 if state else 0
 
     # ---- model, optimizer, schedule, loss
     seed_everything(seed)
@@ -247,13 +313,18 @@ def train_recipe(recipe: Recipe, crops_dir: Path, results_dir: Path, profile: st
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         log.info("%s: resuming after epoch %d", run_dir, state["epoch"])
+    train_model = model
+    if world.size > 1:
+        train_model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     counts = data.train["label"].value_counts()
     info = {
         "run": run_dir.name, "recipe": recipe.name, "recipe_file": recipe_file, "profile": profile, "seed": seed,
         "status": "running", "epochs_done": start_epoch, "resolved": run.to_dict(),
         "schedule_updates": {"steps_per_epoch": steps_per_epoch, **schedule_lengths(run, steps_per_epoch)},
-        "departures": departures_from_recipe(run, dev),
+        "distributed": {"world_size": world.size, "accum_steps": accum_steps,
+                        "device_batch_size": device_batch_size(run.batch_size, world.size, accum_steps)},
+        "departures": departures_from_recipe(run, dev, world),
         "model": {"name": cfg.name, "parameters": sum(p.numel() for p in model.parameters()),
                   "drop_path_mode": cfg.drop_path_mode},
         "data": {"crops_dir": str(Path(crops_dir).resolve()), "split_sha256": split_sha,
@@ -262,55 +333,56 @@ def train_recipe(recipe: Recipe, crops_dir: Path, results_dir: Path, profile: st
                  "majority_top1": 100.0 * (data.val["label"] == counts.idxmax()).mean()},
         "env": environment(dev), "started": now_utc(), "finished": None, "diverged_at_step": None,
     }
-    write_json_atomic(info_file, info)
 
+    def save_info(**changes) -> None:
+        info.update(changes)
+        if main_rank:
+            write_json_atomic(info_file, info)
+
+    save_info()
     steps = _read_rows(run_dir / "steps.csv", start_epoch)
     epochs = _read_rows(run_dir / "epochs.csv", start_epoch)
     evals = _read_rows(run_dir / "eval_batches.csv", start_epoch)
 
     # ---- the loop
     bar = tqdm(total=run.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, unit="step",
-               desc=run_dir.name, disable=not progress, dynamic_ncols=True)
+               desc=run_dir.name, disable=not (progress and main_rank), dynamic_ncols=True)
     try:
         for epoch in range(start_epoch, run.epochs):
-            seed_everything(seed * 1000 + epoch)
+            seed_everything(seed * 1000 + epoch + 7_919 * world.rank)
             loaders.set_epoch(seed, epoch)
             epoch_start = time.perf_counter()
-            rows = train_one_epoch(model, loaders.train, optimizer, scheduler, loss_fn, mixup, dev, epoch,
+            rows = train_one_epoch(train_model, loaders.train, optimizer, scheduler, loss_fn, mixup, dev, epoch,
                                    epoch * steps_per_epoch, recipe.clip_grad, bar,
-                                   WARMUP_STEPS if epoch == start_epoch else 0)
+                                   WARMUP_STEPS if epoch == start_epoch else 0, world, accum_steps)
             train_s = time.perf_counter() - epoch_start
-            metrics, eval_rows = evaluate(model, loaders.val, dev, data.num_classes, epoch)
+            metrics, eval_rows = evaluate(model, loaders.val, dev, data.num_classes, epoch, world)
             frame = pd.DataFrame(rows)
             epochs.append({"epoch": epoch, "train_loss": frame["loss"].mean(),
                            "train_images_per_s": frame.loc[~frame["warmup"], "images_per_s"].median(),
                            "train_s": train_s, "lr_end": optimizer.param_groups[0]["lr"], **metrics})
             steps.extend(rows)
             evals.extend(eval_rows)
-            _save_checkpoint(ckpt_dir, epoch, model, optimizer, scheduler, keep_checkpoints)
-            _write_tables(run_dir, steps, epochs, evals)
-            info["epochs_done"] = epoch + 1
-            write_json_atomic(info_file, info)
-            bar.write(f"{run_dir.name} epoch {epoch}: train loss {epochs[-1]['train_loss']:.4f}, "
-                      f"val top-1 {metrics['val_top1']:.2f}%, balanced {metrics['val_balanced_acc']:.2f}%")
+            if main_rank:
+                _save_checkpoint(ckpt_dir, epoch, model, optimizer, scheduler, keep_checkpoints)
+                _write_tables(run_dir, steps, epochs, evals)
+                bar.write(f"{run_dir.name} epoch {epoch}: train loss {epochs[-1]['train_loss']:.4f}, "
+                          f"val top-1 {metrics['val_top1']:.2f}%, balanced {metrics['val_balanced_acc']:.2f}%")
+            save_info(epochs_done=epoch + 1)
     except NonFiniteLoss as err:
         log.warning("%s: diverged: %s", run_dir.name, err)
-        info.update(status="diverged", diverged_at_step=err.step, finished=now_utc())
-        write_json_atomic(info_file, info)
+        save_info(status="diverged", diverged_at_step=err.step, finished=now_utc())
         return info
     except KeyboardInterrupt:
-        info.update(status="stopped", finished=now_utc())
-        write_json_atomic(info_file, info)
+        save_info(status="stopped", finished=now_utc())
         raise
     except BaseException:
-        info.update(status="failed", finished=now_utc())
-        write_json_atomic(info_file, info)
+        save_info(status="failed", finished=now_utc())
         raise
     finally:
         bar.close()
 
-    info.update(status="finished", finished=now_utc())
-    write_json_atomic(info_file, info)
+    save_info(status="finished", finished=now_utc())
     return info
 
 
