@@ -80,7 +80,8 @@ def list_photos(data_dir: Path) -> list[tuple[str, Path]]:
         (person.name, f)
         for person in person_folders(data_dir)
         for f in sorted(person.iterdir())
-        if f.is_file() and not f.name.startswith(".")
+        # A broken symlink is listed too, so the manifest reports it as unreadable.
+        if (f.is_file() or f.is_symlink()) and not f.name.startswith(".")
     ]
 
 
@@ -134,7 +135,11 @@ class FaceCropper:
 
     def process(self, photo: Path) -> dict:
         """Return the manifest fields for one photo, detecting only on a cache miss."""
-        data = photo.read_bytes()
+        try:
+            data = photo.read_bytes()
+        except OSError as err:
+            return {"sha256": "", "status": "unreadable", "prob": None, "crop": "",
+                    "error": f"{type(err).__name__}: {err}", "cached": False}
         sha = hashlib.sha256(data).hexdigest()
         key = self.cache_key(sha)
         record_file = self.record_path(key)
@@ -151,6 +156,12 @@ class FaceCropper:
 
         # One photo a call: facenet-pytorch needs equal sizes in a batch, and a
         # batch that mixes photos with and without a face fails in its box selection.
+        if min(img.size) < self.settings.min_face_size:
+            # facenet-pytorch fails inside its image pyramid on photos smaller than the smallest face.
+            record = {"status": "no_face", "prob": None, "crop": "",
+                      "error": f"photo is {img.size[0]}x{img.size[1]}, smaller than --min-face-size {self.settings.min_face_size}"}
+            write_json_atomic(record_file, record)
+            return {"sha256": sha, **record, "cached": False}
         face, prob = self.mtcnn(img, return_prob=True)
         if face is None:
             record = {"status": "no_face", "prob": None, "crop": "", "error": ""}
@@ -191,6 +202,23 @@ def crop_folder(data_dir: Path, out_dir: Path, settings: DetectorSettings, devic
     return manifest
 
 
+def check_split_options(min_images: int, val_fraction: float) -> None:
+    if min_images < 2:
+        raise CropError(f"--min-images must be at least 2 (one train and one val image), got {min_images}")
+    if not 0 < val_fraction < 1:
+        raise CropError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+
+
+def check_detector_settings(settings: DetectorSettings) -> None:
+    """Raise CropError for detector settings MTCNN cannot use."""
+    if settings.min_face_size < 1:
+        raise CropError(f"--min-face-size must be at least 1 pixel, got {settings.min_face_size}")
+    if settings.margin < 0:
+        raise CropError(f"--margin must not be negative, got {settings.margin}")
+    if not all(0 < t <= 1 for t in settings.thresholds):
+        raise CropError(f"--thresholds must be probabilities in (0, 1], got {list(settings.thresholds)}")
+
+
 def split_people(manifest: pd.DataFrame, min_images: int = 2, val_fraction: float = 0.2, seed: int = 0,
                  people: list[str] | None = None) -> tuple[pd.DataFrame, dict[str, int]]:
     """Split each person's crops into train and val, seeded per person.
@@ -201,10 +229,7 @@ def split_people(manifest: pd.DataFrame, min_images: int = 2, val_fraction: floa
     gets at least one val and one train image. Labels are indices into the
     sorted names of the kept people.
     """
-    if min_images < 2:
-        raise CropError(f"--min-images must be at least 2 (one train and one val image), got {min_images}")
-    if not 0 < val_fraction < 1:
-        raise CropError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+    check_split_options(min_images, val_fraction)
     cropped = manifest[manifest["status"] == "cropped"]
     counts = cropped.groupby("person").size()
     all_people = sorted(set(manifest["person"]) | set(people or []))
@@ -212,7 +237,7 @@ def split_people(manifest: pd.DataFrame, min_images: int = 2, val_fraction: floa
     included = [p for p in all_people if p not in excluded]
     if len(included) < 2:
         raise CropError(f"{len(included)} person folder(s) have at least {min_images} face crops; "
-                        "classification needs 2 or more, so add people or photos")
+                        "classification needs 2 or more, so add people or photos (split.csv was not updated)")
 
     rows = []
     for label, person in enumerate(included):

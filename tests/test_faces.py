@@ -23,6 +23,28 @@ def mixed_dir(tmp_path):
 
 
 @needs_lfw
+def test_tiny_photo_and_broken_link_get_rows(mixed_dir, tmp_path):
+    Image.new("RGB", (1, 1), (0, 0, 0)).save(mixed_dir / PEOPLE[0] / "dot.png")
+    (mixed_dir / PEOPLE[1] / "gone.jpg").symlink_to(tmp_path / "missing.jpg")
+    manifest = crop_folder(mixed_dir, tmp_path / "out", DetectorSettings(), progress=False)
+    rows = manifest.set_index(manifest["path"].map(lambda p: p.split("/")[-1]))
+    assert rows.loc["dot.png", "status"] == "no_face"
+    assert "smaller than --min-face-size" in rows.loc["dot.png", "error"]
+    assert rows.loc["gone.jpg", "status"] == "unreadable"
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    from facedeit.io import write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+
+
+@needs_lfw
 def test_manifest_statuses(mixed_dir, tmp_path):
     manifest = crop_folder(mixed_dir, tmp_path / "out", DetectorSettings(), progress=False)
     status = dict(zip(manifest["path"].map(lambda p: p.split("/")[-1]), manifest["status"]))
@@ -167,6 +189,19 @@ def test_cli_crop_lists_left_out_people(tmp_path, capsys):
     assert f"left out 2 people with fewer than 2 crops: {PEOPLE[3]} (1), Nobody (0)" in printed
     split = pd.read_csv(out / "split.csv")
     assert sorted(split["person"].unique()) == sorted(PEOPLE[:3])
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--min-face-size", "0"], "--min-face-size must be at least 1 pixel"),
+    (["--margin", "-5"], "--margin must not be negative"),
+    (["--thresholds", "2", "2", "2"], "--thresholds must be probabilities"),
+    (["--val-fraction", "1.5"], "--val-fraction must be between 0 and 1"),
+    (["--device", "bogus"], "--device bogus: not a torch device"),
+])
+def test_cli_crop_bad_option(tmp_path, capsys, option, message):
+    assert main(["crop", "--data", str(tmp_path), "--out", str(tmp_path / "out"), *option]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_crop_missing_folder(tmp_path, capsys):
