@@ -3,6 +3,7 @@
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -58,12 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_crop(args) -> int:
-    from facedeit.faces import DetectorSettings, crop_folder, person_folders, split_people, write_split
+    from facedeit.faces import (CropError, DetectorSettings, check_detector_settings, check_split_options,
+                                crop_folder, person_folders, split_people, write_split)
     from facedeit.sources import default_data_dir
 
+    settings = DetectorSettings(margin=args.margin, min_face_size=args.min_face_size, thresholds=tuple(args.thresholds))
+    check_detector_settings(settings)
+    check_split_options(args.min_images, args.val_fraction)
     data_dir = args.data if args.data is not None else default_data_dir()
     log.info("cropping faces in %s into %s", data_dir, args.out)
-    settings = DetectorSettings(margin=args.margin, min_face_size=args.min_face_size, thresholds=tuple(args.thresholds))
     manifest = crop_folder(data_dir, args.out, settings, args.device)
     counts = manifest["status"].value_counts()
     cached = int(manifest["cached"].sum())
@@ -72,7 +76,10 @@ def cmd_crop(args) -> int:
     for row in manifest[manifest["status"] == "unreadable"].itertuples():
         print(f"  unreadable: {row.path}: {row.error}")
     people = [folder.name for folder in person_folders(data_dir)]
-    split, excluded = split_people(manifest, args.min_images, args.val_fraction, args.seed, people)
+    try:
+        split, excluded = split_people(manifest, args.min_images, args.val_fraction, args.seed, people)
+    except CropError as err:
+        raise CropError(f"{data_dir}: {err}") from None
     write_split(args.out, split, excluded, args.seed, args.val_fraction, args.min_images)
     if excluded:
         print(f"left out {len(excluded)} people with fewer than {args.min_images} crops: "
@@ -96,8 +103,18 @@ def cmd_train(args) -> int:
     from facedeit.recipes import load_recipe
     from facedeit.train import train_recipe
 
-    # Load every recipe first, so a typo in the last file stops the command before any training.
+    from facedeit.data import device_batch_size
+    from facedeit.recipes import RecipeError, resolve
+
+    # Check every recipe first, so a typo in the last file stops the command before any training.
     recipes = [(path, load_recipe(path)) for path in args.recipes]
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    for path, recipe in recipes:
+        run = resolve(recipe, args.profile)
+        try:
+            device_batch_size(run.batch_size, world_size, args.accum_steps)
+        except ValueError as err:
+            raise RecipeError(f"{path}: batch_size {run.batch_size} under profile {args.profile}: {err}") from None
     world, device = init_world(args.device)
     if not world.is_main:
         logging.getLogger().setLevel(logging.WARNING)
@@ -132,6 +149,7 @@ def main(argv=None) -> int:
     from facedeit.recipes import RecipeError
     from facedeit.sources import NoDataError
     from facedeit.train import RunExistsError
+    import torch
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -147,8 +165,21 @@ def main(argv=None) -> int:
         handler = cmd_train
     else:
         handler = cmd_report
+    if getattr(args, "device", None):
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            print(f"facedeit: error: --device {args.device}: not a torch device (use cpu, cuda or cuda:N)", file=sys.stderr)
+            return 2
+        if device.type == "cuda" and not torch.cuda.is_available():
+            print(f"facedeit: error: --device {args.device}: CUDA is not available on this machine", file=sys.stderr)
+            return 2
     try:
         return handler(args)
     except (CropError, RecipeError, NoDataError, RunExistsError, FileNotFoundError, ValueError) as err:
         print(f"facedeit: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Crops, checkpoints and CSVs written so far are kept; `--resume` continues a stopped run.
+        print("facedeit: interrupted; what was written so far is kept", file=sys.stderr)
+        return 130

@@ -9,6 +9,7 @@ every value a profile changed.
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,10 @@ from pathlib import Path
 import yaml
 
 from facedeit.models import DROP_PATH_MODES, MODEL_NAMES
+
+
+# timm's RandAugment config: "rand" then dash-separated settings such as m9, n2, mstd0.5, inc1.
+RAND_AUGMENT = re.compile(r"rand(-(m|n|mstd|mmax|p|inc|w)\d+(\.\d+)?)*")
 
 
 class RecipeError(ValueError):
@@ -118,6 +123,8 @@ PROBABILITIES = {
     "model.dropout", "model.drop_path_rate", "augment.hflip", "augment.random_erasing",
     "augment.mixup_switch_prob", "label_smoothing", "augment.crop_scale",
 }
+# Ranges that include 0 but not 1.
+BELOW_ONE = {"optimizer.betas"}
 POSITIVE = {
     "model.img_size", "epochs", "batch_size", "optimizer.lr.base", "optimizer.lr.per_batch",
     "optimizer.eps", "schedule.step_epochs", "clip_grad", "augment.repeated_aug",
@@ -224,6 +231,8 @@ def _check_value(key, value):
     for number in numbers:
         if key in PROBABILITIES and not 0.0 <= number <= 1.0:
             raise RecipeError(f"{key}: {value!r} is outside [0, 1]")
+        if key in BELOW_ONE and not 0.0 <= number < 1.0:
+            raise RecipeError(f"{key}: {value!r} is outside [0, 1)")
         if key in POSITIVE and not number > 0:
             raise RecipeError(f"{key}: {value!r} must be greater than 0")
         if key in NON_NEGATIVE and not number >= 0:
@@ -243,8 +252,11 @@ def _check_consistency(recipe: Recipe) -> None:
     low, high = recipe.augment.crop_scale
     if low > high:
         raise RecipeError(f"augment.crop_scale: lower bound {low} is above upper bound {high}")
-    if recipe.augment.rand_augment is not None and not recipe.augment.rand_augment.startswith("rand-"):
-        raise RecipeError(f"augment.rand_augment: {recipe.augment.rand_augment!r} is not a timm RandAugment string such as 'rand-m9-mstd0.5-inc1'")
+    if recipe.augment.rand_augment is not None and not RAND_AUGMENT.fullmatch(recipe.augment.rand_augment):
+        raise RecipeError(f"augment.rand_augment: {recipe.augment.rand_augment!r} is not a timm RandAugment string "
+                          "such as 'rand-m9-mstd0.5-inc1' (parts m, n, mstd, mmax, p, inc, w, each with a number)")
+    if recipe.optimizer.nesterov and recipe.optimizer.momentum == 0:
+        raise RecipeError("optimizer.nesterov: Nesterov momentum needs optimizer.momentum above 0")
 
 
 # ---------------------------------------------------------------------------- profiles

@@ -37,10 +37,13 @@ WARMUP_STEPS = 3
 
 
 class NonFiniteLoss(RuntimeError):
-    def __init__(self, step: int, value: float):
+    """A NaN or infinite loss at update `step` (numbered from 1, as in steps.csv)."""
+
+    def __init__(self, step: int, value: float, rows: list[dict]):
         super().__init__(f"loss is {value} at update {step}")
         self.step = step
         self.value = value
+        self.rows = rows  # the epoch's updates before it
 
 
 class RunExistsError(RuntimeError):
@@ -156,7 +159,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, mixup, device,
         loss_value = mean_over_ranks(loss, world)
         images_done = len(images) * world.size
         if not np.isfinite(loss_value):
-            raise NonFiniteLoss(update, loss_value)
+            raise NonFiniteLoss(update + 1, loss_value, rows)
         update += 1
         scheduler.step_update(num_updates=update)
         rows.append({
@@ -240,22 +243,29 @@ def departures_from_recipe(run: Resolved, device: torch.device, world: World = W
     return notes
 
 
-def _previous_state(info_file: Path, resume: bool, split_sha: str) -> tuple[dict | None, dict | None]:
+def _previous_state(info_file: Path, resume: bool, split_sha: str, run: Resolved) -> tuple[dict | None, dict | None]:
     """Return (run.json of an earlier attempt, its newest checkpoint), or raise RunExistsError.
 
-    A finished or diverged run comes back with no checkpoint and is not
-    trained again. An unfinished one needs `resume` and the same split.
+    An earlier attempt counts only if it used the same split.csv and the
+    same resolved recipe; otherwise the folder must be removed first, so a
+    report never shows old data under a new recipe. A finished or diverged
+    run comes back with no checkpoint and is not trained again. An
+    unfinished one needs `resume`.
     """
     if not info_file.is_file():
         return None, None
     info = json.loads(info_file.read_text())
     run_dir = info_file.parent
+    if info["data"]["split_sha256"] != split_sha:
+        raise RunExistsError(f"{run_dir}: was trained on another split.csv; remove the folder or pass another "
+                             "--results folder to train on the new data")
+    if json.loads(json.dumps(info["resolved"]["recipe"])) != json.loads(json.dumps(run.to_dict()["recipe"])):
+        raise RunExistsError(f"{run_dir}: was trained with other recipe values; remove the folder or pass another "
+                             "--results folder to train the changed recipe")
     if info["status"] in ("finished", "diverged"):
         return info, None
     if not resume:
         raise RunExistsError(f"{run_dir}: an unfinished run exists; pass --resume to continue it or remove the folder")
-    if info["data"]["split_sha256"] != split_sha:
-        raise RunExistsError(f"{run_dir}: was trained on another split.csv; remove the folder to start again")
     return info, _latest_checkpoint(run_dir / "checkpoints")
 
 
@@ -289,7 +299,7 @@ def train_recipe(recipe: Recipe, crops_dir: Path, results_dir: Path, profile: st
     steps_per_epoch = len(loaders.train)
 
     # ---- the run folder: refuse to overwrite, or pick up where it stopped
-    previous, state = _previous_state(info_file, resume, split_sha)
+    previous, state = _previous_state(info_file, resume, split_sha, run)
     # Every rank reads the folder before rank 0 writes to it.
     barrier(world)
     if previous is not None and previous["status"] in ("finished", "diverged"):
@@ -331,7 +341,8 @@ def train_recipe(recipe: Recipe, crops_dir: Path, results_dir: Path, profile: st
                  "num_classes": data.num_classes, "train_images": len(data.train), "val_images": len(data.val),
                  "chance_top1": 100.0 / data.num_classes,
                  "majority_top1": 100.0 * (data.val["label"] == counts.idxmax()).mean()},
-        "env": environment(dev), "started": now_utc(), "finished": None, "diverged_at_step": None,
+        "env": environment(dev), "started": previous["started"] if previous else now_utc(),
+        "resumed": now_utc() if previous else None, "finished": None, "diverged_at_step": None,
     }
 
     def save_info(**changes) -> None:
@@ -371,13 +382,15 @@ def train_recipe(recipe: Recipe, crops_dir: Path, results_dir: Path, profile: st
             save_info(epochs_done=epoch + 1)
     except NonFiniteLoss as err:
         log.warning("%s: diverged: %s", run_dir.name, err)
+        if main_rank:
+            _write_tables(run_dir, steps + err.rows, epochs, evals)
         save_info(status="diverged", diverged_at_step=err.step, finished=now_utc())
         return info
     except KeyboardInterrupt:
-        save_info(status="stopped", finished=now_utc())
+        save_info(status="stopped", stopped=now_utc())
         raise
     except BaseException:
-        save_info(status="failed", finished=now_utc())
+        save_info(status="failed", stopped=now_utc())
         raise
     finally:
         bar.close()

@@ -112,6 +112,14 @@ def test_finished_run_not_retrained(crops_dir, tmp_path):
     assert steps_file.stat().st_mtime_ns == before
 
 
+def test_changed_recipe_is_not_reused(crops_dir, tmp_path):
+    path = write_recipe(tmp_path / "tiny.yaml", TINY_RECIPE.replace("epochs: 2", "epochs: 1"))
+    train_recipe(load_recipe(path), crops_dir, tmp_path / "r", profile="full", progress=False)
+    write_recipe(path, TINY_RECIPE.replace("epochs: 2", "epochs: 1").replace("lr: 1.0e-3", "lr: 2.0e-3"))
+    with pytest.raises(RunExistsError, match="was trained with other recipe values"):
+        train_recipe(load_recipe(path), crops_dir, tmp_path / "r", profile="full", progress=False, resume=True)
+
+
 def test_non_finite_loss_diverges_run(crops_dir, tmp_path, monkeypatch, capsys):
     real_loss = train_module.build_train_loss
 
@@ -136,7 +144,9 @@ def test_non_finite_loss_diverges_run(crops_dir, tmp_path, monkeypatch, capsys):
     assert code == 0
     bad_info = json.loads((tmp_path / "r/runs/blows_up-full-seed0/run.json").read_text())
     assert bad_info["status"] == "diverged"
-    assert bad_info["diverged_at_step"] == 1
+    assert bad_info["diverged_at_step"] == 2  # the second update, as steps.csv numbers it
+    bad_steps = pd.read_csv(tmp_path / "r/runs/blows_up-full-seed0/steps.csv")
+    assert bad_steps["step"].tolist() == [1]
     assert json.loads((tmp_path / "r/runs/fine-full-seed0/run.json").read_text())["status"] == "finished"
     assert "blows_up-full-seed0: diverged" in capsys.readouterr().out
 
