@@ -4,7 +4,7 @@ from dataclasses import asdict, dataclass
 
 import pandas as pd
 
-FAILS, WORKS, NEITHER = "fails", "works", "neither"
+FAILS, WORKS, NEITHER, TOO_SHORT = "fails", "works", "neither", "too short"
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,8 @@ class Criteria:
             f"**fails**: the run diverged, or loss drop < {self.fails_max_loss_drop:.0%} "
             f"and top-1 margin <= {self.fails_max_top1_margin:g} points",
             f"**works**: loss drop >= {self.works_min_loss_drop:.0%} and top-1 margin >= {self.works_min_top1_margin:g} points",
-            "anything between is **neither**",
+            "anything between is **neither**; a run with fewer than "
+            f"{2 * self.start_steps} updates is **too short** to judge",
             "the claim \"SGD fails, AdamW works\" **holds** when every SGD run fails and every AdamW run works, "
             "**does not hold** when an SGD run works or an AdamW run fails, and is **inconclusive** otherwise",
         ]
@@ -38,13 +39,18 @@ class Criteria:
 
 def run_outcome(info: dict, steps: pd.DataFrame, epochs: pd.DataFrame, criteria: Criteria) -> dict:
     """Measure one run against the criteria: loss drop, top-1 margin, and fails/works/neither."""
-    row = {"run": info["run"], "recipe": info["recipe"], "status": info["status"],
+    row = {"run": info["run"], "recipe": info["recipe"], "profile": info["profile"], "status": info["status"],
            "epochs_done": info.get("epochs_done", 0),
            "images_seen": int(steps["images"].sum()) if "images" in steps else None,
            "majority_top1": info["data"]["majority_top1"]}
     if info["status"] == "diverged" or steps.empty or epochs.empty:
         row.update(start_loss=None, end_loss=None, loss_drop=None, val_top1=None, top1_margin=None,
                    outcome=FAILS if info["status"] == "diverged" else NEITHER)
+        return row
+    if len(steps) < 2 * criteria.start_steps:
+        # The start window and the last epoch would overlap, so the loss drop means nothing.
+        row.update(start_loss=None, end_loss=None, loss_drop=None, val_top1=None, top1_margin=None,
+                   outcome=TOO_SHORT)
         return row
     start_loss = steps["loss"].head(criteria.start_steps).mean()
     last_epoch = epochs["epoch"].max()

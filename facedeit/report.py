@@ -52,7 +52,7 @@ def accuracy_table(runs: list[dict]) -> pd.DataFrame:
             last = epochs.iloc[-1]
             best = epochs.loc[epochs["val_top1"].idxmax()]
             row.update(final_top1=last["val_top1"], best_top1=best["val_top1"], best_epoch=int(best["epoch"]),
-                       final_top5=last["val_top5"], final_balanced_acc=last["val_balanced_acc"],
+                       final_top5=last["val_top5"], top5_k=int(last.get("top5_k", 5)), final_balanced_acc=last["val_balanced_acc"],
                        final_val_loss=last["val_loss"], final_train_loss=last["train_loss"])
         rows.append(row)
     return pd.DataFrame(rows)
@@ -116,8 +116,12 @@ def plot_curves(runs: list[dict], plots_dir: Path) -> list[Path]:
 
     plots_dir.mkdir(parents=True, exist_ok=True)
     sns.set_theme(style="whitegrid")
-    steps = pd.concat([r["steps"].assign(run=r["info"]["run"]) for r in runs if not r["steps"].empty])
-    epochs = pd.concat([r["epochs"].assign(run=r["info"]["run"]) for r in runs if not r["epochs"].empty])
+    step_frames = [r["steps"].assign(run=r["info"]["run"]) for r in runs if not r["steps"].empty]
+    epoch_frames = [r["epochs"].assign(run=r["info"]["run"]) for r in runs if not r["epochs"].empty]
+    if not step_frames or not epoch_frames:
+        log.warning("no run has a finished epoch; the curves are not drawn")
+        return []
+    steps, epochs = pd.concat(step_frames), pd.concat(epoch_frames)
     # A rolling mean over 20 updates makes the per-batch loss readable; the raw values are in steps.csv.
     steps["loss_smoothed"] = steps.groupby("run")["loss"].transform(lambda s: s.rolling(20, min_periods=1).mean())
 
@@ -182,6 +186,7 @@ def write_report(results_dir: Path, recipes_dir: Path = Path("recipes"), criteri
 def _render(runs, accuracy, throughput, claims, paper, criteria: Criteria) -> str:
     first = runs[0]["info"]
     data = first["data"]
+    splits = {r["info"]["data"]["split_sha256"] for r in runs}
     lines = [
         "# facedeit report",
         "",
@@ -191,7 +196,9 @@ def _render(runs, accuracy, throughput, claims, paper, criteria: Criteria) -> st
         "",
         f"{data['num_classes']} people, {data['train_images']} train and {data['val_images']} val face crops "
         f"(160x160, MTCNN) in the first run's split (`{first['run']}`). Chance top-1 is {data['chance_top1']:.2f}%; "
-        f"always guessing the most frequent person gives {data['majority_top1']:.2f}% val top-1.",
+        f"always guessing the most frequent person gives {data['majority_top1']:.2f}% val top-1."
+        + (f" NOTE: the runs here used {len(splits)} different splits; compare only runs of one split "
+           "(`data` in each run.json)." if len(splits) > 1 else ""),
         "",
         "## Curves",
         "",
@@ -201,7 +208,7 @@ def _render(runs, accuracy, throughput, claims, paper, criteria: Criteria) -> st
         "",
         "## Accuracy per run",
         "",
-        "Accuracies in percent on the val split; `final` is the last epoch, `best` the best epoch "
+        "Accuracies in percent on the val split; `final` is the last epoch, `best` the best epoch; `final_top5` is top-`top5_k` when there are fewer than 5 people "
         "(picked on the same val split, so it is optimistic).",
         "",
         _markdown(accuracy),
@@ -221,15 +228,17 @@ def _render(runs, accuracy, throughput, claims, paper, criteria: Criteria) -> st
         "",
         _markdown(claims, ".3f"),
     ]
-    if not claims.empty:
-        sgd = list(claims.loc[claims["recipe"].isin(CLAIM_SGD_RECIPES), "outcome"])
-        adamw = list(claims.loc[claims["recipe"].isin(CLAIM_ADAMW_RECIPES), "outcome"])
+    # One verdict per profile: runs of different lengths are not pooled.
+    for profile, group in ([] if claims.empty else claims.groupby("profile")):
+        sgd = list(group.loc[group["recipe"].isin(CLAIM_SGD_RECIPES), "outcome"])
+        adamw = list(group.loc[group["recipe"].isin(CLAIM_ADAMW_RECIPES), "outcome"])
         verdict = claim_verdict(sgd, adamw)
-        epochs = sorted(set(claims["epochs_done"]))
-        lines += [f"**Verdict: {verdict}.** SGD runs: {', '.join(sgd) or 'none'}; AdamW runs: "
-                  f"{', '.join(adamw) or 'none'}; one seed per recipe, {'/'.join(map(str, epochs))} epoch(s) each. "
-                  "One seed and a short profile make this a weak test: several seeds and an lr sweep for SGD "
-                  "are needed before the verdict can be trusted.", ""]
+        epochs = sorted(set(group["epochs_done"]))
+        seeds = group.groupby("recipe").size().max()
+        lines += [f"**Verdict at profile {profile}: {verdict}.** SGD runs: {', '.join(sgd) or 'none'}; AdamW runs: "
+                  f"{', '.join(adamw) or 'none'}; at most {seeds} seed(s) per recipe, "
+                  f"{'/'.join(map(str, epochs))} epoch(s) each. One seed and a short profile make this a weak test: "
+                  "several seeds and an lr sweep for SGD are needed before the verdict can be trusted.", ""]
     lines += [
         "## Paper recipes (arXiv 2012.12877, Table 9)",
         "",

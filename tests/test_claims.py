@@ -3,16 +3,16 @@
 import pandas as pd
 import pytest
 
-from facedeit.claims import FAILS, NEITHER, WORKS, Criteria, claim_verdict, run_outcome
+from facedeit.claims import FAILS, NEITHER, TOO_SHORT, WORKS, Criteria, claim_verdict, run_outcome
 
 
 def _run(status="finished", majority=20.0):
-    return {"run": "r", "recipe": "seed_sgd", "status": status, "epochs_done": 3,
+    return {"run": "r", "recipe": "seed_sgd", "profile": "quick", "status": status, "epochs_done": 3,
             "data": {"majority_top1": majority}}
 
 
 def _steps(start, end):
-    return pd.DataFrame({"epoch": [0] * 10 + [2] * 5, "loss": [start] * 10 + [end] * 5})
+    return pd.DataFrame({"epoch": [0] * 20 + [2] * 5, "loss": [start] * 20 + [end] * 5})
 
 
 def _epochs(top1):
@@ -35,6 +35,12 @@ def test_outcome_thresholds(start, end, top1, outcome):
 def test_diverged_run_fails():
     row = run_outcome(_run(status="diverged"), _steps(4.0, 4.0).head(3), pd.DataFrame(), Criteria())
     assert row["outcome"] == FAILS
+
+
+def test_short_run_is_too_short():
+    row = run_outcome(_run(), _steps(4.0, 2.0).tail(12), _epochs(45.0), Criteria())
+    assert row["outcome"] == TOO_SHORT
+    assert claim_verdict([TOO_SHORT], [WORKS]) == "inconclusive"
 
 
 def test_run_without_epochs_is_neither():
