@@ -53,7 +53,13 @@ def read_split(crops_dir: Path, max_people: int | None = None, max_images_per_pe
     split_file = Path(crops_dir) / "split.csv"
     if not split_file.is_file():
         raise FileNotFoundError(f"{split_file}: not found; run `facedeit crop` first")
-    split = pd.read_csv(split_file)
+    try:
+        split = pd.read_csv(split_file)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise ValueError(f"{split_file}: unreadable CSV ({err}); run `facedeit crop` again") from None
+    missing = {"crop", "person", "label", "split"} - set(split.columns)
+    if missing:
+        raise ValueError(f"{split_file}: missing columns {sorted(missing)}; run `facedeit crop` again")
     people = sorted(split["person"].unique())
     if max_people is not None:
         people = people[:max_people]

@@ -87,6 +87,8 @@ def list_photos(data_dir: Path) -> list[tuple[str, Path]]:
 
 def person_folders(data_dir: Path) -> list[Path]:
     """List the non-hidden sub-folders of `data_dir`, one per person, sorted by name."""
+    if data_dir.exists() and not data_dir.is_dir():
+        raise CropError(f"{data_dir}: not a folder; pass a folder of <person>/<photo> files")
     if not data_dir.is_dir():
         raise CropError(f"{data_dir}: photo folder not found")
     people = sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))

@@ -1,6 +1,7 @@
 """Build a classifier by name, randomly initialised; nothing is downloaded."""
 
 import logging
+import pickle
 from functools import partial
 from pathlib import Path
 
@@ -118,7 +119,10 @@ def load_start_weights(model: nn.Module, path: Path) -> None:
     """
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise ValueError(f"{path}: not a readable torch checkpoint ({type(err).__name__})") from None
     if isinstance(state, dict) and "model" in state:
         state = state["model"]
     own = model.state_dict()

@@ -143,7 +143,11 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: invalid YAML: {str(err).splitlines()[0]}") from err
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise RecipeError(f"{path}: invalid YAML{where}: {getattr(err, 'problem', None) or str(err).splitlines()[0]}") from err
+    if raw is None:
+        raise RecipeError(f"{path}: the recipe file is empty")
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: expected a mapping of recipe keys, got {type(raw).__name__}")
     if "name" in raw:

@@ -27,7 +27,10 @@ def load_runs(results_dir: Path) -> list[dict]:
     runs = []
     for info_file in sorted((Path(results_dir) / "runs").glob("*/run.json")):
         run_dir = info_file.parent
-        info = json.loads(info_file.read_text())
+        try:
+            info = json.loads(info_file.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{info_file}: invalid JSON ({err}); remove the run folder or train it again") from None
 
         def table(name):
             path = run_dir / name

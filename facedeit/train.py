@@ -417,6 +417,8 @@ def _save_checkpoint(ckpt_dir: Path, epoch: int, model, optimizer, scheduler, ke
     """Write epoch_NNN.pt atomically, then delete all but the newest `keep` checkpoints."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = ckpt_dir / f"epoch_{epoch:03d}.pt"
+    for stale in ckpt_dir.glob("*.pt.tmp"):  # left by a process killed while saving
+        stale.unlink()
     tmp = path.with_suffix(".pt.tmp")
     torch.save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict()}, tmp)

@@ -49,3 +49,10 @@ def test_start_checkpoint_partial_load(tmp_path):
     assert target.head.weight.shape == (8, 192)
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load_start_weights(target, tmp_path / "missing.pt")
+
+
+def test_corrupt_start_checkpoint_is_named(tmp_path):
+    path = tmp_path / "broken.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="broken.pt: not a readable torch checkpoint"):
+        build_model("resnet18", num_classes=3, checkpoint=str(path))

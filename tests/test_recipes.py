@@ -122,3 +122,14 @@ def test_cli_bad_recipe_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == f"facedeit: error: {path}: optimiser: unknown key (allowed: augment, batch_size, clip_grad, " \
                   "description, epochs, label_smoothing, model, optimizer, schedule, source)"
+
+
+def test_yaml_error_names_line(tmp_path):
+    path = write_recipe(tmp_path / "broken.yaml", "epochs: 2\nmodel:\n name: x\n  bad: [\n")
+    with pytest.raises(RecipeError, match=r"invalid YAML at line \d+, column \d+"):
+        load_recipe(path)
+
+
+def test_empty_recipe_file(tmp_path):
+    with pytest.raises(RecipeError, match="the recipe file is empty"):
+        load_recipe(write_recipe(tmp_path / "empty.yaml", ""))

@@ -170,3 +170,12 @@ def test_train_without_crops_one_line(tmp_path, capsys):
                  "--results", str(tmp_path / "r")])
     assert code == 2
     assert "split.csv: not found; run `facedeit crop` first" in capsys.readouterr().err
+
+
+def test_split_csv_without_columns_is_named(tmp_path, capsys):
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    (crops / "split.csv").write_text("a,b\n1,2\n")
+    code = main(["train", str(REPO / "recipes/seed_adamw.yaml"), "--crops", str(crops), "--results", str(tmp_path / "r")])
+    assert code == 2
+    assert "split.csv: missing columns ['crop', 'label', 'person', 'split']" in capsys.readouterr().err
