@@ -47,7 +47,8 @@ class NonFiniteLoss(RuntimeError):
 
 
 class RunExistsError(RuntimeError):
-    """A run folder with unfinished work exists and resume was not asked for."""
+    """A run folder that cannot be used as it is: unfinished without resume, or trained on
+    another split.csv or other recipe values."""
 
 
 def pick_device(name: str | None = None) -> torch.device:
