@@ -35,6 +35,7 @@ def init_world(device_name: str | None = None) -> tuple[World, torch.device]:
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and (device_name is None or device_name.startswith("cuda"))
+    # NOTE: only the gloo (CPU) path is tested; NCCL on several GPUs has not been run yet.
     if use_cuda:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

@@ -11,7 +11,7 @@ PAPER_COLUMNS = (("ViT-B", "vit_b_paper"), ("DeiT-B", "deit_b_paper"))
 
 
 def _dash(value):
-    """The paper writes '-' for an ingredient that is off."""
+    """Return '-' for an ingredient that is off, as the paper's table writes it."""
     return "-" if value is None or value is False or value == 0 else value
 
 
@@ -46,7 +46,7 @@ def table9_rows(recipe: dict, used: dict | None = None) -> dict:
 
 
 def paper_table(recipes_dir: Path, runs: list[dict]) -> pd.DataFrame:
-    """One row per Table 9 row; per paper column the recipe's value and what its tiny run used."""
+    """Build one row per Table 9 row, with each paper column's recipe value and what its tiny run used."""
     columns = {}
     for label, stem in PAPER_COLUMNS:
         path = Path(recipes_dir) / f"{stem}.yaml"
