@@ -30,6 +30,7 @@ from facedeit.timing import BatchTimer
 from facedeit.train import pick_device
 
 ENV_PREFIX = "FACEDEIT_BENCH_"
+# NOTE: the CUDA settings and code paths have not run on a GPU yet; only the CPU run is committed.
 DEFAULT_BATCHES = {"cpu": (32, 64), "cuda": (64, 256, 1024)}
 DEFAULT_ROUNDS = {"cpu": 3, "cuda": 10}
 DEFAULT_WARMUP = {"cpu": 1, "cuda": 3}
