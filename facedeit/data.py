@@ -163,7 +163,7 @@ class Loaders:
     rank: int = 0
 
     def set_epoch(self, seed: int, epoch: int) -> None:
-        """Seed the shuffle for (seed, epoch), so a resumed run sees the same batches."""
+        """Seed the shuffle for (seed, epoch), so a resumed run draws the same batches."""
         # Worker seeds differ per rank; the shuffle is shared, so the ranks split one permutation.
         self.generator.manual_seed(seed * 100_003 + epoch + 7_919 * self.rank)
         # Both samplers shuffle with the number given here, so the run seed is folded in.

@@ -20,6 +20,13 @@ class World:
         return self.rank == 0
 
 
+def pick_device(name: str | None = None) -> torch.device:
+    """Return the named torch device, or CUDA when present and the CPU otherwise."""
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def init_world(device_name: str | None = None) -> tuple[World, torch.device]:
     """Join the process group that torchrun describes in WORLD_SIZE, RANK and LOCAL_RANK.
 
@@ -29,9 +36,7 @@ def init_world(device_name: str | None = None) -> tuple[World, torch.device]:
     """
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
-        if device_name:
-            return World(), torch.device(device_name)
-        return World(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return World(), pick_device(device_name)
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and (device_name is None or device_name.startswith("cuda"))

@@ -36,11 +36,11 @@ def build_deit_ls(
     embedding over the patches only, with the cls token concatenated after it
     (timm's `no_embed_class=True`).
 
-    `dropout` is applied where the ViT paper puts it: after the position
-    embedding, after every dense layer except the qkv projection, and before
-    the head. `drop_path_mode="constant"` gives every block the same
-    stochastic-depth rate, as models_v2.py does; `"linear"` keeps timm's ramp
-    from 0 at the first block to `drop_path_rate` at the last.
+    `dropout` is applied after the position embedding, after every dense
+    layer except the qkv projection, and before the head.
+    `drop_path_mode="constant"` gives every block the same stochastic-depth
+    rate, as models_v2.py does. `"linear"` keeps timm's ramp from 0 at the
+    first block to `drop_path_rate` at the last.
     """
     from timm.models.vision_transformer import VisionTransformer
     from timm.layers import DropPath

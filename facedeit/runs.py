@@ -55,7 +55,7 @@ def environment(device: torch.device) -> dict:
 
 
 def git_commit() -> str | None:
-    """The commit of the source tree, with `+dirty` when it has uncommitted changes; None outside git."""
+    """Return the source tree's commit, with `+dirty` for uncommitted changes, or None outside git."""
     root = Path(__file__).resolve().parents[1]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,

@@ -1,4 +1,4 @@
-"""Where the photos come from when `--data` is not given."""
+"""The default photo folder, used when `--data` is not given."""
 
 import logging
 from pathlib import Path

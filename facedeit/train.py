@@ -21,7 +21,7 @@ from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 
 from facedeit.data import build_loaders, build_mixup, device_batch_size, read_split
-from facedeit.distributed import World, barrier, gather_objects, mean_over_ranks
+from facedeit.distributed import World, barrier, gather_objects, mean_over_ranks, pick_device
 from facedeit.io import write_csv_atomic, write_json_atomic
 from facedeit.models import build_model
 from facedeit.optim import build_optimizer, build_scheduler, build_train_loss, schedule_lengths
@@ -49,12 +49,6 @@ class NonFiniteLoss(RuntimeError):
 class RunExistsError(RuntimeError):
     """A run folder that cannot be used as it is: unfinished without resume, or trained on
     another split.csv or other recipe values."""
-
-
-def pick_device(name: str | None = None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def autocast_for(device: torch.device):
@@ -248,8 +242,8 @@ def _previous_state(info_file: Path, resume: bool, split_sha: str, run: Resolved
     """Return (run.json of an earlier attempt, its newest checkpoint), or raise RunExistsError.
 
     An earlier attempt counts only if it used the same split.csv and the
-    same resolved recipe; otherwise the folder must be removed first, so a
-    report never shows old data under a new recipe. A finished or diverged
+    same resolved recipe. Otherwise the folder must be removed first, so that
+    a report cannot show old data under a new recipe. A finished or diverged
     run comes back with no checkpoint and is not trained again. An
     unfinished one needs `resume`.
     """

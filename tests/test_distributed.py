@@ -13,7 +13,7 @@ from facedeit.recipes import load_recipe
 from facedeit.train import train_recipe
 from tests.conftest import REPO, write_recipe
 
-# No random augmentation or dropout, so every set-up sees the same pixels and
+# No random augmentation or dropout, so every set-up gets the same pixels and
 # differs only in how the batch is split. The batch must divide the train set:
 # DistributedSampler pads an indivisible set with repeated images, which
 # changes the last batch of each epoch.
