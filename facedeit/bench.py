@@ -22,12 +22,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from facedeit.distributed import pick_device
 from facedeit.io import write_csv_atomic
 from facedeit.models import MODEL_NAMES
 from facedeit.runs import device_name, git_commit, now_utc
 from facedeit.sources import SHARED_LFW
 from facedeit.timing import BatchTimer
-from facedeit.distributed import pick_device
 
 ENV_PREFIX = "FACEDEIT_BENCH_"
 # NOTE: the CUDA settings and code paths have not run on a GPU yet; only the CPU run is committed.
