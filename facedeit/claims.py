@@ -1,8 +1,13 @@
 """Criteria -> verdicts, read from run folders: does SGD fail where AdamW works for DeiT?"""
 
-from dataclasses import asdict, dataclass
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import pandas as pd
+import yaml
+
+from facedeit.recipes import RecipeError
 
 FAILS, WORKS, NEITHER, TOO_SHORT = "fails", "works", "neither", "too short"
 
@@ -22,6 +27,7 @@ class Criteria:
     fails_max_top1_margin: float = 5.0
     works_min_loss_drop: float = 0.25
     works_min_top1_margin: float = 10.0
+    min_seeds: int = 3
 
     def describe(self) -> list[str]:
         return [
@@ -82,3 +88,48 @@ def claim_verdict(sgd_outcomes: list[str], adamw_outcomes: list[str]) -> str:
 
 def criteria_dict(criteria: Criteria) -> dict:
     return asdict(criteria)
+
+
+def load_criteria(path: str | Path) -> Criteria:
+    """Read claims/criteria.yaml; every key must be a Criteria field with a number."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: criteria file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: invalid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: expected a mapping of criteria keys")
+    types = {f.name: f.type for f in fields(Criteria)}
+    values = {}
+    for key, value in raw.items():
+        if key not in types:
+            raise RecipeError(f"{path}: {key}: unknown key (allowed: {', '.join(types)})")
+        kind = int if types[key] in (int, "int") else float
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+            raise RecipeError(f"{path}: {key}: expected {'an integer' if kind is int else 'a number'}, got {value!r}")
+        if value < 0 or (key in ("start_steps", "min_seeds") and value < 1):
+            raise RecipeError(f"{path}: {key}: {value!r} is out of range")
+        values[key] = kind(value)
+    missing = sorted(set(types) - set(values))
+    if missing:
+        raise RecipeError(f"{path}: {missing[0]}: missing required key")
+    return Criteria(**values)
+
+
+def record_criteria(criteria_file: str | Path, results_dir: str | Path) -> dict:
+    """Write results/claims/criteria.lock.json the first time claims are trained, and return it.
+
+    It holds the criteria file's sha256 and the time, so that the report can
+    show that the criteria were fixed before the runs, or that they changed.
+    """
+    from facedeit.io import write_json_atomic
+    from facedeit.runs import file_sha256, now_utc
+
+    lock = Path(results_dir) / "claims" / "criteria.lock.json"
+    if lock.is_file():
+        return json.loads(lock.read_text())
+    entry = {"file": str(criteria_file), "sha256": file_sha256(Path(criteria_file)), "recorded": now_utc()}
+    write_json_atomic(lock, entry)
+    return entry

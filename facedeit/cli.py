@@ -11,6 +11,8 @@ log = logging.getLogger("facedeit")
 
 DEFAULT_CROPS = Path("cache/faces")
 DEFAULT_RESULTS = Path("results")
+DEFAULT_PLAN = Path("claims/plan.yaml")
+DEFAULT_CRITERIA = Path("claims/criteria.yaml")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--accum-steps", type=int, default=1,
                        help="split each process's share of the batch into this many micro-batches (default: %(default)s)")
         p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    claims = sub.add_parser("claims", help="train the runs of claims/plan.yaml that are missing, then write the report")
+    claims.add_argument("--plan", type=Path, default=DEFAULT_PLAN, help="claims plan (default: %(default)s)")
+    claims.add_argument("--criteria", type=Path, default=DEFAULT_CRITERIA, help="criteria file (default: %(default)s)")
+    claims.add_argument("--crops", type=Path, default=DEFAULT_CROPS, help="folder written by `facedeit crop` (default: %(default)s)")
+    claims.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="results folder (default: %(default)s)")
+    claims.add_argument("--only", choices=("claims", "sweep", "ablation"), help="train only this part of the plan")
+    claims.add_argument("--max-runs", type=int, help="train at most this many missing runs, then report")
+    claims.add_argument("--dry-run", action="store_true", help="list the planned runs and which are done; train nothing")
+    claims.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
+    claims.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     report = sub.add_parser("report", help="write results/REPORT.md, tables and plots from the run folders")
     report.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="results folder (default: %(default)s)")
@@ -136,6 +149,53 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_claims(args) -> int:
+    from facedeit.claim_plan import load_plan, training_order
+    from facedeit.claims import load_criteria, record_criteria
+    from facedeit.distributed import pick_device
+    from facedeit.report import write_report
+    from facedeit.train import train_recipe
+
+    plan = load_plan(args.plan)
+    load_criteria(args.criteria)
+    todo = [r for r in training_order(plan) if args.only in (None, r.group)]
+    done = {r.run_name(plan.profile): _run_status(args.results, r.run_name(plan.profile)) for r in todo}
+    if args.dry_run:
+        for run in todo:
+            name = run.run_name(plan.profile)
+            print(f"{run.group:9} {run.label:24} {name}: {done[name] or 'not trained'}")
+        return 0
+    if args.max_runs is not None and args.max_runs < 0:
+        raise ValueError("--max-runs must not be negative")
+    record_criteria(args.criteria, args.results)
+    device = pick_device(args.device)
+    trained = 0
+    for run in todo:
+        name = run.run_name(plan.profile)
+        if done[name] in ("finished", "diverged"):
+            continue
+        if args.max_runs is not None and trained >= args.max_runs:
+            log.info("stopping after %d run(s) (--max-runs); `facedeit claims` again continues", trained)
+            break
+        log.info("claims: %s (%s, %s)", name, run.group, run.label)
+        train_recipe(run.recipe, args.crops, args.results, plan.profile, run.seed, resume=True, device=device,
+                     progress=not args.no_progress, keep_checkpoints=1, recipe_file=run.recipe_file)
+        trained += 1
+    path = write_report(args.results, criteria_file=args.criteria, plan_file=args.plan)
+    print(f"report: {path}")
+    return 0
+
+
+def _run_status(results: Path, name: str) -> str | None:
+    info = results / "runs" / name / "run.json"
+    if not info.is_file():
+        return None
+    try:
+        return json.loads(info.read_text()).get("status")
+    except json.JSONDecodeError:
+        return "unreadable run.json"
+
+
 def cmd_report(args) -> int:
     from facedeit.report import write_report
 
@@ -163,6 +223,8 @@ def main(argv=None) -> int:
             print("facedeit: error: --keep-checkpoints must be at least 1", file=sys.stderr)
             return 2
         handler = cmd_train
+    elif args.command == "claims":
+        handler = cmd_claims
     else:
         handler = cmd_report
     if getattr(args, "device", None):

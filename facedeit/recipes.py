@@ -6,6 +6,7 @@ that computes derived values, such as the scaled lr and warmup, and it records
 every value a profile changed.
 """
 
+import copy
 import dataclasses
 import math
 import os
@@ -135,8 +136,13 @@ NON_NEGATIVE = {
 }
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Load and validate one recipe file; raise RecipeError naming the file and key."""
+def load_recipe(path: str | Path, overrides: dict | None = None, variant: str | None = None) -> Recipe:
+    """Load and validate one recipe file; raise RecipeError naming the file and key.
+
+    `overrides` maps dotted keys (`augment.mixup`, or a whole section such as
+    `schedule`) to the values that replace the file's; the result is the
+    recipe `<file stem>.<variant>`, checked like any recipe file.
+    """
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
@@ -152,12 +158,38 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(f"{path}: expected a mapping of recipe keys, got {type(raw).__name__}")
     if "name" in raw:
         raise RecipeError(f"{path}: name: not a recipe key; the file name ({path.stem}) is the recipe name")
+    name = path.stem
+    if overrides:
+        if not variant:
+            raise RecipeError(f"{path}: a recipe with overrides needs a variant name")
+        raw = apply_overrides(raw, overrides, path)
+        name = f"{path.stem}.{variant}"
     try:
-        recipe = _build(Recipe, {**raw, "name": path.stem}, "")
+        recipe = _build(Recipe, {**raw, "name": name}, "")
         _check_consistency(recipe)
     except RecipeError as err:
         raise RecipeError(f"{path}: {err}") from None
     return recipe
+
+
+def apply_overrides(raw: dict, overrides: dict, path: Path) -> dict:
+    """Return a copy of recipe mapping `raw` with each dotted key in `overrides` set."""
+    out = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        *parents, leaf = str(dotted).split(".")
+        node = out
+        for i, part in enumerate(parents):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                # `optimizer.lr: 0.003` is short for `optimizer.lr: {base: 0.003}`.
+                if ".".join(parents[: i + 1]) != "optimizer.lr":
+                    raise RecipeError(f"{path}: {dotted}: {'.'.join(parents[: i + 1])} is not a section")
+                child = node[part] = {"base": child}
+            node = child
+        node[leaf] = copy.deepcopy(value)
+    return out
 
 
 def _build(cls, raw, prefix):

@@ -160,7 +160,8 @@ def _markdown(frame: pd.DataFrame, floatfmt: str = ".2f") -> str:
     return frame.to_markdown(index=False, floatfmt=floatfmt) + "\n"
 
 
-def write_report(results_dir: Path, recipes_dir: Path = Path("recipes"), criteria: Criteria = Criteria()) -> Path:
+def write_report(results_dir: Path, recipes_dir: Path = Path("recipes"), criteria: Criteria = Criteria(),
+                 criteria_file: Path | None = None, plan_file: Path | None = None) -> Path:
     """Write REPORT.md, its tables and plots from `<results_dir>/runs`; return the report's path."""
     results_dir = Path(results_dir)
     runs = load_runs(results_dir)
