@@ -1,4 +1,4 @@
-# facedeit: crop -> train -> report. `make reproduce` runs the stages in a row;
+# facedeit: crop -> train -> claims -> report. `make reproduce` runs the stages in a row;
 # each stage reads only what the one before wrote, so each can be rerun alone.
 
 PYTHON ?= python3
@@ -18,7 +18,7 @@ RECIPES ?= recipes/seed_adamw.yaml recipes/seed_sgd.yaml \
 	recipes/resnet18_sgd.yaml recipes/resnet18_adamw.yaml \
 	recipes/vit_b_paper_tiny.yaml recipes/deit_b_paper_tiny.yaml
 
-.PHONY: install crop train report reproduce test bench clean-runs
+.PHONY: install crop train claims report reproduce test bench clean-runs
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,10 +34,15 @@ train: crop
 	$(LAUNCH) run $(RECIPES) --crops $(CROPS) --results $(RESULTS) \
 		--profile $(PROFILE) --seed $(SEED) --accum-steps $(ACCUM) --resume
 
+# The runs of claims/plan.yaml (its own profile and seeds, one process);
+# runs that exist are kept, so a stopped `make claims` continues.
+claims: crop
+	$(PY) -m facedeit claims --crops $(CROPS) --results $(RESULTS)
+
 report: install
 	$(PY) -m facedeit report --results $(RESULTS)
 
-reproduce: train report
+reproduce: train claims report
 	@echo "report written to $(RESULTS)/REPORT.md"
 
 test: install

@@ -189,7 +189,7 @@ def _unique(runs: list[PlannedRun], profile: str) -> list[PlannedRun]:
 
 
 def training_order(plan: Plan) -> list[PlannedRun]:
-    """The distinct runs to train, each once, in plan order."""
+    """Return the distinct runs to train, each once, in plan order."""
     seen, out = set(), []
     for run in plan.runs:
         name = run.run_name(plan.profile)

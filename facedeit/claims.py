@@ -38,8 +38,9 @@ class Criteria:
             f"**works**: loss drop >= {self.works_min_loss_drop:.0%} and top-1 margin >= {self.works_min_top1_margin:g} points",
             "anything between is **neither**; a run with fewer than "
             f"{2 * self.start_steps} updates is **too short** to judge",
-            "the claim \"SGD fails, AdamW works\" **holds** when every SGD run fails and every AdamW run works, "
-            "**does not hold** when an SGD run works or an AdamW run fails, and is **inconclusive** otherwise",
+            f"a claim that runs fail (or work) **holds** when every run does, over at least {self.min_seeds} "
+            "seeds per recipe (the lr sweep: over every point), **does not hold** when one run has the opposite "
+            "outcome, and is **inconclusive** otherwise; a claim made of two holds when both hold",
         ]
 
 
@@ -73,17 +74,6 @@ def run_outcome(info: dict, steps: pd.DataFrame, epochs: pd.DataFrame, criteria:
     row.update(start_loss=start_loss, end_loss=end_loss, loss_drop=loss_drop, val_top1=val_top1,
                top1_margin=margin, outcome=outcome)
     return row
-
-
-def claim_verdict(sgd_outcomes: list[str], adamw_outcomes: list[str]) -> str:
-    """"holds", "does not hold" or "inconclusive" for "SGD fails, AdamW works"."""
-    if not sgd_outcomes or not adamw_outcomes:
-        return "inconclusive"
-    if WORKS in sgd_outcomes or FAILS in adamw_outcomes:
-        return "does not hold"
-    if all(o == FAILS for o in sgd_outcomes) and all(o == WORKS for o in adamw_outcomes):
-        return "holds"
-    return "inconclusive"
 
 
 def criteria_dict(criteria: Criteria) -> dict:
@@ -121,7 +111,7 @@ def load_criteria(path: str | Path) -> Criteria:
 def record_criteria(criteria_file: str | Path, results_dir: str | Path) -> dict:
     """Write results/claims/criteria.lock.json the first time claims are trained, and return it.
 
-    It holds the criteria file's sha256 and the time, so that the report can
+    It contains the criteria file's sha256 and the time, so that the report can
     show that the criteria were fixed before the runs, or that they changed.
     """
     from facedeit.io import write_json_atomic
@@ -133,3 +123,146 @@ def record_criteria(criteria_file: str | Path, results_dir: str | Path) -> dict:
     entry = {"file": str(criteria_file), "sha256": file_sha256(Path(criteria_file)), "recorded": now_utc()}
     write_json_atomic(lock, entry)
     return entry
+
+
+# ---------------------------------------------------------------------------- claims of a plan
+
+HOLDS, DOES_NOT_HOLD, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
+OPPOSITE = {FAILS: WORKS, WORKS: FAILS}
+OUTCOME_COLUMNS = ("group", "label", "run", "seed", "lr", "warmup_epochs", "status", "epochs_done", "images_seen",
+                   "majority_top1", "start_loss", "end_loss", "loss_drop", "val_top1", "top1_margin", "outcome")
+
+
+def expect_verdict(expect: str, outcomes: list[str], seeds: int, criteria: Criteria, need_seeds: bool = True) -> str:
+    """Verdict on "these runs `expect`" (fails or works) from the runs' outcomes.
+
+    One run with the opposite outcome is enough to reject the claim. To hold,
+    every run needs the claimed outcome, over at least `criteria.min_seeds`
+    seeds unless `need_seeds` is false (the lr sweep, one run per point).
+    """
+    if OPPOSITE[expect] in outcomes:
+        return DOES_NOT_HOLD
+    if outcomes and all(o == expect for o in outcomes) and (not need_seeds or seeds >= criteria.min_seeds):
+        return HOLDS
+    return INCONCLUSIVE
+
+
+def both_verdict(verdicts: list[str]) -> str:
+    """Verdict on a claim made of several: holds if all hold, does not hold if one does not."""
+    if DOES_NOT_HOLD in verdicts:
+        return DOES_NOT_HOLD
+    if verdicts and all(v == HOLDS for v in verdicts):
+        return HOLDS
+    return INCONCLUSIVE
+
+
+def _same_recipe(info: dict, resolved: dict) -> bool:
+    return json.loads(json.dumps(info["resolved"]["recipe"], default=str)) == json.loads(json.dumps(resolved["recipe"], default=str))
+
+
+def plan_outcomes(plan, runs: list[dict], criteria: Criteria) -> pd.DataFrame:
+    """One row per planned run: its outcome and metrics, or why it has none.
+
+    `runs` come from facedeit.report.load_runs. A run folder counts only if
+    its recipe values are the plan's. A folder trained from an older plan is
+    listed as `changed` and left out of every verdict.
+    """
+    from facedeit.recipes import resolve
+
+    by_name = {r["info"]["run"]: r for r in runs}
+    rows = []
+    for planned in plan.runs:
+        name = planned.run_name(plan.profile)
+        base = {"group": planned.group, "label": planned.label, "run": name, "seed": planned.seed, **planned.params}
+        run = by_name.get(name)
+        if run is None:
+            rows.append({**base, "status": "missing", "outcome": None})
+            continue
+        if not _same_recipe(run["info"], resolve(planned.recipe, plan.profile).to_dict()):
+            rows.append({**base, "status": "changed", "outcome": None})
+            continue
+        if run["info"]["status"] in ("running", "stopped", "failed"):
+            rows.append({**base, "status": run["info"]["status"], "outcome": None})
+            continue
+        measured = run_outcome(run["info"], run["steps"], run["epochs"], criteria)
+        measured.pop("run"), measured.pop("recipe")
+        rows.append({**base, **measured})
+    frame = pd.DataFrame(rows)
+    # The same columns whether or not any run has been judged yet.
+    for column in OUTCOME_COLUMNS:
+        if column not in frame:
+            frame[column] = None
+    return frame
+
+
+def _judged(frame: pd.DataFrame) -> pd.DataFrame:
+    if frame.empty or "outcome" not in frame:
+        return frame
+    return frame[frame["outcome"].notna()]
+
+
+def _stats(values: pd.Series, prefix: str) -> dict:
+    values = values.dropna()
+    return {f"{prefix}_mean": values.mean() if len(values) else None,
+            f"{prefix}_std": values.std(ddof=1) if len(values) > 1 else None,
+            f"{prefix}_min": values.min() if len(values) else None,
+            f"{prefix}_max": values.max() if len(values) else None}
+
+
+def claim_summary(plan, outcomes: pd.DataFrame, criteria: Criteria) -> pd.DataFrame:
+    """Summarize each claim in one row: runs, seeds, outcomes, val top-1 and loss drop over seeds, and the verdict."""
+    rows, verdicts = [], {}
+    for claim in plan.claims:
+        frame = outcomes[(outcomes["group"] == claim.group)] if not outcomes.empty else outcomes
+        if claim.group == "claims" and not frame.empty:
+            frame = frame[frame["label"] == claim.name]
+        judged = _judged(frame)
+        outcome_list = list(judged["outcome"]) if not judged.empty else []
+        seeds = judged["seed"].nunique() if not judged.empty else 0
+        verdict = expect_verdict(claim.expect, outcome_list, seeds, criteria, need_seeds=claim.group == "claims")
+        verdicts[claim.name] = verdict
+        counts = pd.Series(outcome_list, dtype=object).value_counts()
+        rows.append({
+            "claim": claim.name, "text": claim.text, "expect": claim.expect,
+            "runs": len(judged), "planned": len(frame), "seeds": seeds,
+            "outcomes": ", ".join(f"{o} {int(counts[o])}" for o in counts.index) or "none",
+            **_stats(judged["val_top1"] if not judged.empty else pd.Series(dtype=float), "val_top1"),
+            **_stats(judged["loss_drop"] if not judged.empty else pd.Series(dtype=float), "loss_drop"),
+            "epochs": "/".join(str(int(e)) for e in sorted(set(judged["epochs_done"]))) if not judged.empty else "",
+            "images_seen_per_run": judged["images_seen"].mean() if not judged.empty else None,
+            "verdict": verdict,
+        })
+    for entry in plan.both:
+        parts = [verdicts[name] for name in entry["of"]]
+        rows.append({"claim": entry["name"], "text": entry["text"], "expect": "both",
+                     "outcomes": "; ".join(f"{name}: {verdicts[name]}" for name in entry["of"]),
+                     "verdict": both_verdict(parts)})
+    return pd.DataFrame(rows)
+
+
+def sweep_table(outcomes: pd.DataFrame) -> pd.DataFrame:
+    """Tabulate the lr sweep, one row per (warmup, lr) point with its outcome, val top-1 and loss drop."""
+    frame = outcomes[outcomes["group"] == "sweep"] if not outcomes.empty else outcomes
+    if frame.empty:
+        return pd.DataFrame()
+    columns = [c for c in ("warmup_epochs", "lr", "seed", "status", "outcome", "val_top1", "top1_margin",
+                           "loss_drop", "end_loss") if c in frame]
+    return frame[columns].sort_values(["warmup_epochs", "lr", "seed"]).reset_index(drop=True)
+
+
+def ablation_table(outcomes: pd.DataFrame) -> pd.DataFrame:
+    """Tabulate val top-1 over seeds per removed ingredient, and its difference from the full recipe's mean."""
+    frame = outcomes[outcomes["group"] == "ablation"] if not outcomes.empty else outcomes
+    if frame.empty:
+        return pd.DataFrame()
+    rows = []
+    for label, group in frame.groupby("label", sort=False):
+        judged = _judged(group)
+        rows.append({"removed": "none (full recipe)" if label == "full" else label,
+                     "runs": len(judged), "planned": len(group),
+                     **_stats(judged["val_top1"] if "val_top1" in judged else pd.Series(dtype=float), "val_top1"),
+                     "outcomes": ", ".join(sorted(judged["outcome"])) if not judged.empty else "none"})
+    table = pd.DataFrame(rows)
+    full = table.loc[table["removed"] == "none (full recipe)", "val_top1_mean"]
+    table["vs_full"] = table["val_top1_mean"] - (full.iloc[0] if len(full) else float("nan"))
+    return table

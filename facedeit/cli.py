@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="write results/REPORT.md, tables and plots from the run folders")
     report.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="results folder (default: %(default)s)")
     report.add_argument("--recipes", type=Path, default=Path("recipes"), help="recipe folder for the paper table (default: %(default)s)")
+    report.add_argument("--plan", type=Path, default=DEFAULT_PLAN, help="claims plan (default: %(default)s)")
+    report.add_argument("--criteria", type=Path, default=DEFAULT_CRITERIA, help="criteria file (default: %(default)s)")
     return parser
 
 
@@ -175,7 +177,7 @@ def cmd_claims(args) -> int:
         if done[name] in ("finished", "diverged"):
             continue
         if args.max_runs is not None and trained >= args.max_runs:
-            log.info("stopping after %d run(s) (--max-runs); `facedeit claims` again continues", trained)
+            log.info("stopping after %d run(s) (--max-runs); run `facedeit claims` again to continue", trained)
             break
         log.info("claims: %s (%s, %s)", name, run.group, run.label)
         train_recipe(run.recipe, args.crops, args.results, plan.profile, run.seed, resume=True, device=device,
@@ -199,7 +201,7 @@ def _run_status(results: Path, name: str) -> str | None:
 def cmd_report(args) -> int:
     from facedeit.report import write_report
 
-    path = write_report(args.results, args.recipes)
+    path = write_report(args.results, args.recipes, args.criteria, args.plan)
     print(f"report: {path}")
     return 0
 

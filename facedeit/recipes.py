@@ -140,7 +140,7 @@ def load_recipe(path: str | Path, overrides: dict | None = None, variant: str | 
     """Load and validate one recipe file; raise RecipeError naming the file and key.
 
     `overrides` maps dotted keys (`augment.mixup`, or a whole section such as
-    `schedule`) to the values that replace the file's; the result is the
+    `schedule`) to the values that replace the file's. The result is the
     recipe `<file stem>.<variant>`, checked like any recipe file.
     """
     path = Path(path)

@@ -1,9 +1,10 @@
-"""The SGD-versus-AdamW verdict on hand-made run files; nothing is trained."""
+"""Claims criteria, verdicts and the claims report on hand-made run files; nothing is trained."""
 
 import pandas as pd
 import pytest
 
-from facedeit.claims import FAILS, NEITHER, TOO_SHORT, WORKS, Criteria, claim_verdict, run_outcome
+from facedeit.claims import (DOES_NOT_HOLD, FAILS, HOLDS, INCONCLUSIVE, NEITHER, TOO_SHORT, WORKS, Criteria,
+                             both_verdict, expect_verdict, run_outcome)
 
 
 def _run(status="finished", majority=20.0):
@@ -40,19 +41,34 @@ def test_diverged_run_fails():
 def test_short_run_is_too_short():
     row = run_outcome(_run(), _steps(4.0, 2.0).tail(12), _epochs(45.0), Criteria())
     assert row["outcome"] == TOO_SHORT
-    assert claim_verdict([TOO_SHORT], [WORKS]) == "inconclusive"
+    assert expect_verdict(WORKS, [TOO_SHORT, WORKS, WORKS], 3, Criteria()) == INCONCLUSIVE
 
 
 def test_run_without_epochs_is_neither():
     assert run_outcome(_run(status="failed"), pd.DataFrame(), pd.DataFrame(), Criteria())["outcome"] == NEITHER
 
 
-@pytest.mark.parametrize("sgd, adamw, verdict", [
-    ([FAILS], [WORKS, WORKS], "holds"),
-    ([FAILS], [WORKS, FAILS], "does not hold"),
-    ([WORKS], [WORKS], "does not hold"),
-    ([NEITHER], [WORKS], "inconclusive"),
-    ([], [WORKS], "inconclusive"),
+@pytest.mark.parametrize("expect, outcomes, seeds, verdict", [
+    (FAILS, [FAILS, FAILS, FAILS], 3, HOLDS),
+    (FAILS, [FAILS], 1, INCONCLUSIVE),              # one seed cannot make a claim hold
+    (WORKS, [WORKS], 1, INCONCLUSIVE),
+    (WORKS, [FAILS], 1, DOES_NOT_HOLD),             # but one counter-example rejects it
+    (FAILS, [FAILS, WORKS, FAILS], 3, DOES_NOT_HOLD),
+    (WORKS, [WORKS, NEITHER, WORKS], 3, INCONCLUSIVE),
+    (WORKS, [], 0, INCONCLUSIVE),
 ])
-def test_claim_verdict(sgd, adamw, verdict):
-    assert claim_verdict(sgd, adamw) == verdict
+def test_expect_verdict(expect, outcomes, seeds, verdict):
+    assert expect_verdict(expect, outcomes, seeds, Criteria()) == verdict
+
+
+def test_sweep_verdict_needs_no_seeds():
+    assert expect_verdict(FAILS, [FAILS, FAILS], 1, Criteria(), need_seeds=False) == HOLDS
+
+
+@pytest.mark.parametrize("parts, verdict", [
+    ([HOLDS, HOLDS], HOLDS),
+    ([HOLDS, INCONCLUSIVE], INCONCLUSIVE),
+    ([INCONCLUSIVE, DOES_NOT_HOLD], DOES_NOT_HOLD),
+])
+def test_both_verdict(parts, verdict):
+    assert both_verdict(parts) == verdict

@@ -133,3 +133,24 @@ def test_yaml_error_names_line(tmp_path):
 def test_empty_recipe_file(tmp_path):
     with pytest.raises(RecipeError, match="the recipe file is empty"):
         load_recipe(write_recipe(tmp_path / "empty.yaml", ""))
+
+
+def test_overrides_make_a_variant():
+    from facedeit.recipes import load_recipe
+
+    recipe = load_recipe(REPO / "recipes" / "seed_sgd.yaml", {"optimizer.lr.base": 0.1, "label_smoothing": 0.1}, "v")
+    assert recipe.name == "seed_sgd.v"
+    assert recipe.optimizer.lr.base == 0.1
+    assert recipe.label_smoothing == 0.1
+    assert recipe.optimizer.momentum == 0.9
+
+
+def test_overrides_need_variant_and_known_keys():
+    from facedeit.recipes import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match="variant"):
+        load_recipe(REPO / "recipes" / "seed_sgd.yaml", {"label_smoothing": 0.1})
+    with pytest.raises(RecipeError, match="schedule.warmup: unknown key"):
+        load_recipe(REPO / "recipes" / "seed_sgd.yaml", {"schedule.warmup": 1}, "v")
+    with pytest.raises(RecipeError, match="label_smoothing"):
+        load_recipe(REPO / "recipes" / "seed_sgd.yaml", {"label_smoothing": 2.0}, "v")

@@ -1,0 +1,250 @@
+"""The claims section of REPORT.md, its tables and plots, drawn from saved runs only."""
+
+import json
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from facedeit.claim_plan import Plan
+from facedeit.claims import (HOLDS, Criteria, ablation_table, claim_summary, plan_outcomes, sweep_table)
+from facedeit.runs import file_sha256
+
+log = logging.getLogger(__name__)
+
+# Rolling window of the train-loss curves, in updates. The raw losses are in steps.csv.
+SMOOTH_UPDATES = 20
+
+
+def claims_tables(plan: Plan, runs: list[dict], criteria: Criteria) -> dict[str, pd.DataFrame]:
+    outcomes = plan_outcomes(plan, runs, criteria)
+    return {"claims_runs": outcomes, "claims_summary": claim_summary(plan, outcomes, criteria),
+            "claims_sweep": sweep_table(outcomes), "claims_ablation": ablation_table(outcomes)}
+
+
+def _seconds(run: dict) -> float:
+    epochs = run["epochs"]
+    return float(epochs["train_s"].sum()) if not epochs.empty and "train_s" in epochs else 0.0
+
+
+def _curves(plan: Plan, runs: list[dict], outcomes: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Train loss against epoch and val top-1 against epoch for the judged claim runs, one row per point."""
+    by_name = {r["info"]["run"]: r for r in runs}
+    judged = outcomes[(outcomes["group"] == "claims") & outcomes["outcome"].notna()] if not outcomes.empty else outcomes
+    steps, epochs = [], []
+    for row in judged.itertuples():
+        run = by_name[row.run]
+        per_epoch = run["info"]["schedule_updates"]["steps_per_epoch"]
+        if not run["steps"].empty:
+            frame = run["steps"][["step", "loss"]].copy()
+            # Runs of one recipe share their update count, so the x values line up across seeds.
+            frame["epoch"] = frame["step"] / per_epoch
+            frame["loss"] = frame["loss"].rolling(SMOOTH_UPDATES, min_periods=1).mean()
+            steps.append(frame.assign(claim=row.label, seed=row.seed))
+        if not run["epochs"].empty:
+            frame = run["epochs"][["epoch", "val_top1"]].copy()
+            frame["epoch"] = frame["epoch"] + 1
+            epochs.append(frame.assign(claim=row.label, seed=row.seed))
+    return (pd.concat(steps) if steps else pd.DataFrame(), pd.concat(epochs) if epochs else pd.DataFrame())
+
+
+def plot_claims(plan: Plan, runs: list[dict], tables: dict, plots_dir: Path) -> list[str]:
+    """Draw the claim curves with a band over seeds, the lr sweep and the ablation bars; return file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    from facedeit.report import _save
+
+    sns.set_theme(style="whitegrid")
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    outcomes = tables["claims_runs"]
+    majority = outcomes["majority_top1"].dropna() if "majority_top1" in outcomes else pd.Series(dtype=float)
+    written = []
+
+    steps, epochs = _curves(plan, runs, outcomes)
+    if not steps.empty:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+        # The band is the range over seeds (min to max), the line their mean.
+        sns.lineplot(data=steps, x="epoch", y="loss", hue="claim", errorbar=("pi", 100), ax=left, linewidth=1.2)
+        left.set(xlabel="epoch", ylabel=f"train loss (rolling mean of {SMOOTH_UPDATES} updates)",
+                 title="Train loss, mean and range over seeds")
+        sns.lineplot(data=epochs, x="epoch", y="val_top1", hue="claim", errorbar=("pi", 100), marker="o", ax=right)
+        if len(majority):
+            right.axhline(majority.iloc[0], color="grey", linestyle="--", label="majority class")
+        right.set(xlabel="epoch", ylabel="val top-1 (%)", title="Val top-1, mean and range over seeds")
+        for ax in (left, right):
+            ax.legend(fontsize=8)
+        written.append(_save(fig, plots_dir / "claims_curves.png").name)
+
+    sweep = tables["claims_sweep"]
+    if not sweep.empty and sweep["val_top1"].notna().any():
+        fig, ax = plt.subplots(figsize=(8, 5))
+        points = sweep[sweep["val_top1"].notna()].assign(warmup=lambda f: f["warmup_epochs"].map(lambda w: f"warmup {w:g} ep"))
+        sns.lineplot(data=points, x="lr", y="val_top1", hue="warmup", marker="o", ax=ax)
+        ax.set_xscale("log")
+        if len(majority):
+            ax.axhline(majority.iloc[0], color="grey", linestyle="--", label="majority class")
+        adamw = _claim_mean(tables["claims_summary"], "team_adamw_works")
+        if adamw is not None:
+            ax.axhline(adamw, color="tab:red", linestyle=":", label="team AdamW, mean over seeds")
+        ax.set(xlabel="SGD lr", ylabel="val top-1 (%)", title="DeiT-Ti-LS with SGD: lr sweep")
+        ax.legend(fontsize=8)
+        written.append(_save(fig, plots_dir / "claims_sweep.png").name)
+
+    ablation = outcomes[(outcomes["group"] == "ablation") & outcomes["val_top1"].notna()] if "val_top1" in outcomes else pd.DataFrame()
+    if not ablation.empty:
+        bars = ablation.assign(removed=ablation["label"].replace({"full": "none (full recipe)"}))
+        order = list(dict.fromkeys(bars["removed"]))
+        fig, ax = plt.subplots(figsize=(8, 5))
+        sns.barplot(data=bars, y="removed", x="val_top1", order=order, errorbar=("pi", 100), ax=ax, color="tab:blue", alpha=0.6)
+        sns.stripplot(data=bars, y="removed", x="val_top1", order=order, ax=ax, color="black", size=4)
+        if len(majority):
+            ax.axvline(majority.iloc[0], color="grey", linestyle="--", label="majority class")
+            ax.legend(fontsize=8)
+        ax.set(xlabel="val top-1 (%), bar = mean, line = range, dots = seeds", ylabel="ingredient removed",
+               title="DeiT-B column on DeiT-Ti-LS, one ingredient removed")
+        written.append(_save(fig, plots_dir / "claims_ablation.png").name)
+    return written
+
+
+def _claim_mean(summary: pd.DataFrame, name: str) -> float | None:
+    row = summary[summary["claim"] == name]
+    if row.empty or pd.isna(row["val_top1_mean"].iloc[0]):
+        return None
+    return float(row["val_top1_mean"].iloc[0])
+
+
+def _spread_text(row) -> str:
+    if pd.isna(row.get("val_top1_mean")):
+        return "n/a"
+    text = f"{row['val_top1_mean']:.1f}"
+    if not pd.isna(row.get("val_top1_std")):
+        text += f" ± {row['val_top1_std']:.1f} [{row['val_top1_min']:.1f}, {row['val_top1_max']:.1f}]"
+    return text
+
+
+def _criteria_status(criteria_file: Path, lock_file: Path, runs: list[dict], plan_runs: set[str]) -> str:
+    current = file_sha256(criteria_file)
+    if not lock_file.is_file():
+        return f"`{criteria_file}` (sha256 `{current[:12]}`) has not been recorded: `facedeit claims` records it before training."
+    lock = json.loads(lock_file.read_text())
+    earlier = sorted(r["info"]["run"] for r in runs
+                     if r["info"]["run"] in plan_runs and r["info"].get("started", "") < lock["recorded"])
+    text = (f"`{criteria_file}` (sha256 `{lock['sha256'][:12]}`) was recorded at {lock['recorded']}, "
+            "when `facedeit claims` first ran.")
+    if lock["sha256"] != current:
+        text += (f" **The file has changed since (now `{current[:12]}`): the verdicts below use the new values, "
+                 "which were written after runs had been seen.**")
+    else:
+        text += " It has not changed since."
+    if earlier:
+        text += (f" {len(earlier)} planned run(s) had been trained before that ({', '.join(f'`{r}`' for r in earlier)}), "
+                 "by `make reproduce`, so their numbers could be known when the thresholds were set.")
+    return text
+
+
+def render_claims(plan: Plan, runs: list[dict], tables: dict, criteria: Criteria, criteria_file: Path,
+                  results_dir: Path, plots: list[str]) -> str:
+    outcomes, summary = tables["claims_runs"], tables["claims_summary"]
+    sweep, ablation = tables["claims_sweep"], tables["claims_ablation"]
+    judged = outcomes[outcomes["outcome"].notna()] if "outcome" in outcomes else outcomes.iloc[0:0]
+    by_name = {r["info"]["run"]: r for r in runs}
+    planned_names = set(outcomes["run"]) if not outcomes.empty else set()
+    distinct = judged.drop_duplicates("run")
+    hours = sum(_seconds(by_name[name]) for name in distinct["run"]) / 3600
+    devices = sorted({by_name[name]["info"]["env"]["device_name"] for name in distinct["run"]})
+    lines = [
+        "## Claims: does SGD fail where AdamW works?",
+        "",
+        f"Trained by `facedeit claims` from `{plan.path}` at profile `{plan.profile}`; every run uses the same crops "
+        "and split. Criteria, from the criteria file:",
+        "",
+        *[f"- {line}" for line in criteria.describe()],
+        "",
+        _criteria_status(criteria_file, results_dir / "claims" / "criteria.lock.json", runs, planned_names),
+        "",
+        f"**Compute behind the verdicts**: {len(distinct)} distinct run(s) judged out of "
+        f"{outcomes['run'].nunique() if not outcomes.empty else 0} planned, "
+        + (f"{int(distinct['epochs_done'].max())} epoch(s) each, {int(distinct['images_seen'].min())} to "
+           f"{int(distinct['images_seen'].max())} train images seen per run, {hours:.2f} h of training on "
+           f"{', '.join(devices)}." if not distinct.empty else "nothing trained yet."),
+        "",
+    ]
+    if "claims_curves.png" in plots:
+        lines += ["![claims curves](plots/claims_curves.png)", ""]
+
+    table = summary[summary["expect"] != "both"].copy()
+    if not table.empty:
+        table["val top-1 mean ± sd [min, max]"] = [_spread_text(r) for _, r in table.iterrows()]
+        table["loss drop mean"] = table["loss_drop_mean"]
+        table["images/run"] = table["images_seen_per_run"]
+        for column in ("runs", "planned", "seeds", "images/run"):
+            table[column] = table[column].round().astype("Int64")
+        lines += [_markdown(table[["claim", "expect", "runs", "planned", "seeds", "epochs", "images/run", "outcomes",
+                                   "val top-1 mean ± sd [min, max]", "loss drop mean", "verdict"]], ".3f"), ""]
+    for row in summary.itertuples():
+        lines.append(f"- **{row.text}: {row.verdict}.**" + (f" ({row.outcomes})" if row.expect == "both" else ""))
+    lines.append("")
+
+    lines += ["### A fair chance for SGD: lr sweep", "",
+              "The team's SGD recipe with the AdamW recipe's cosine schedule, so that the optimizer is the only "
+              "difference from `seed_adamw`; one seed per point.", ""]
+    if "claims_sweep.png" in plots:
+        lines += ["![SGD lr sweep](plots/claims_sweep.png)", ""]
+    lines += [_markdown(sweep.fillna({"outcome": ""}) if not sweep.empty else sweep, ".4g")]
+    best = sweep[sweep["val_top1"].notna()].sort_values("val_top1", ascending=False).head(1) if "val_top1" in sweep else sweep
+    if not best.empty:
+        b = best.iloc[0]
+        lines += [f"Best SGD point: lr {b['lr']:g}, warmup {b['warmup_epochs']:g} epoch(s) (of the recipe's 25, "
+                  f"scaled with the profile): val top-1 {b['val_top1']:.2f}% ({b['top1_margin']:+.2f} points "
+                  f"over the majority class), outcome **{b['outcome']}**. "
+                  f"Points judged: {int(sweep['outcome'].notna().sum())} of {len(sweep)}.", ""]
+
+    lines += _paper_lines(plan, summary, ablation)
+
+    lines += ["### Ablation in the style of Table 8", "",
+              "The DeiT-B column on DeiT-Ti-LS with one ingredient removed at a time. `vs_full` is the difference "
+              "of means from the full recipe, in points; compare it with the spread over seeds before reading "
+              "anything into it.", ""]
+    if "claims_ablation.png" in plots:
+        lines += ["![ablation](plots/claims_ablation.png)", ""]
+    lines += [_markdown(ablation, ".2f")]
+    missing = outcomes[outcomes["outcome"].isna()].drop_duplicates("run") if "outcome" in outcomes else outcomes
+    if not missing.empty:
+        counts = ", ".join(f"{n} {group}" for group, n in missing["group"].value_counts(sort=False).items())
+        lines += [f"{len(missing)} planned run(s) have no result yet ({counts}); `tables/claims_runs.csv` lists "
+                  "them with their status. `make claims` trains them and keeps what exists.", ""]
+    return "\n".join(lines)
+
+
+def _paper_lines(plan: Plan, summary: pd.DataFrame, ablation: pd.DataFrame) -> list[str]:
+    paper = plan.paper
+    gap = paper["sgd_top1"] - paper["adamw_top1"]
+    lines = ["### The paper's context", "",
+             f"{paper['source']} gives DeiT-B on ImageNet-1k (300 epochs) {paper['adamw_top1']:g}% top-1 with AdamW "
+             f"and {paper['sgd_top1']:g}% with SGD: SGD is {abs(gap):.1f} points lower but trains. The paper does "
+             "not say that SGD fails.", ""]
+    means = ablation.set_index("removed")["val_top1_mean"] if not ablation.empty else pd.Series(dtype=float)
+    full, sgd = means.get("none (full recipe)"), means.get("adamw")
+    if full is not None and sgd is not None and not pd.isna(full) and not pd.isna(sgd):
+        lines.append(f"On the faces at profile `{plan.profile}`, the same recipe on DeiT-Ti-LS gives "
+                     f"{full:.2f}% with AdamW and {sgd:.2f}% with SGD ({sgd - full:+.2f} points; paper {gap:+.1f}).")
+    adamw = _claim_mean(summary, "team_adamw_works")
+    sgd_team = _claim_mean(summary, "team_sgd_fails")
+    if adamw is not None and sgd_team is not None:
+        lines.append(f"The team's recipes give {adamw:.2f}% (AdamW) and {sgd_team:.2f}% (SGD), means over seeds.")
+    works = summary.loc[summary["claim"].isin(["team_adamw_works", "deit_b_works"]), "verdict"]
+    if len(works) and not (works == HOLDS).any():
+        lines.append("Neither AdamW recipe is shown to work at this budget, so these numbers cannot say whether "
+                     "SGD is worse than AdamW on faces, only that this budget is too small to tell.")
+    lines.append("")
+    return lines
+
+
+def _markdown(frame: pd.DataFrame, floatfmt: str) -> str:
+    if frame.empty:
+        return "_no runs_\n"
+    return frame.to_markdown(index=False, floatfmt=floatfmt) + "\n"
