@@ -50,7 +50,7 @@ def test_smoke_pipeline_end_to_end(photos_dir, tmp_path, capsys):
         assert (folder / "checkpoints" / "epoch_000.pt").is_file()
 
     report = (results / "REPORT.md").read_text()
-    for heading in ("## Accuracy per run", "## Throughput per model", "## Does SGD fail where AdamW works",
+    for heading in ("## Accuracy per run", "## Throughput per model", "## Claims: does SGD fail where AdamW works?",
                     "## Paper recipes"):
         assert heading in report
     assert "seed_adamw-smoke-seed0" in report
