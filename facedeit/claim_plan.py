@@ -8,9 +8,7 @@ any other run. The report matches run folders to the plan by name.
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from facedeit.recipes import PROFILES, Recipe, RecipeError, load_recipe
+from facedeit.recipes import PROFILES, Recipe, RecipeError, load_recipe, read_yaml_mapping
 from facedeit.runs import run_name
 
 EXPECTS = ("fails", "works")
@@ -88,14 +86,10 @@ def _number_name(value: float) -> str:
 def load_plan(path: str | Path, root: str | Path = ".") -> Plan:
     """Load and check claims/plan.yaml; recipe paths are relative to `root`."""
     path, root = Path(path), Path(root)
-    if not path.is_file():
-        raise PlanError(f"{path}: plan file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise PlanError(f"{path}: invalid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise PlanError(f"{path}: expected a mapping with the keys {', '.join(sorted(PLAN_KEYS))}")
+        raw = read_yaml_mapping(path, "plan")
+    except RecipeError as err:
+        raise PlanError(str(err)) from None
     unknown = sorted(set(raw) - PLAN_KEYS)
     if unknown:
         raise PlanError(f"{path}: {unknown[0]}: unknown key (allowed: {', '.join(sorted(PLAN_KEYS))})")

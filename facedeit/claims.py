@@ -5,9 +5,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
-from facedeit.recipes import RecipeError
+from facedeit.recipes import RecipeError, read_yaml_mapping
 
 FAILS, WORKS, NEITHER, TOO_SHORT = "fails", "works", "neither", "too short"
 
@@ -83,14 +82,7 @@ def criteria_dict(criteria: Criteria) -> dict:
 def load_criteria(path: str | Path) -> Criteria:
     """Read claims/criteria.yaml; every key must be a Criteria field with a number."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: criteria file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: invalid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: expected a mapping of criteria keys")
+    raw = read_yaml_mapping(path, "criteria")
     types = {f.name: f.type for f in fields(Criteria)}
     values = {}
     for key, value in raw.items():

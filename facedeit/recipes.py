@@ -136,6 +136,28 @@ NON_NEGATIVE = {
 }
 
 
+def read_yaml_mapping(path: Path, kind: str) -> dict:
+    """Parse YAML file `path` that must hold a mapping; raise RecipeError naming the file otherwise.
+
+    `kind` names the file in messages ("recipe", "plan", "criteria").
+    """
+    if not path.is_file():
+        raise RecipeError(f"{path}: {kind} file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        raise RecipeError(f"{path}: cannot read the {kind} file: {err}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise RecipeError(f"{path}: invalid YAML{where}: {getattr(err, 'problem', None) or str(err).splitlines()[0]}") from err
+    if raw is None:
+        raise RecipeError(f"{path}: the {kind} file is empty")
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: expected a mapping of {kind} keys, got {type(raw).__name__}")
+    return raw
+
+
 def load_recipe(path: str | Path, overrides: dict | None = None, variant: str | None = None) -> Recipe:
     """Load and validate one recipe file; raise RecipeError naming the file and key.
 
@@ -144,18 +166,7 @@ def load_recipe(path: str | Path, overrides: dict | None = None, variant: str | 
     recipe `<file stem>.<variant>`, checked like any recipe file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise RecipeError(f"{path}: invalid YAML{where}: {getattr(err, 'problem', None) or str(err).splitlines()[0]}") from err
-    if raw is None:
-        raise RecipeError(f"{path}: the recipe file is empty")
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: expected a mapping of recipe keys, got {type(raw).__name__}")
+    raw = read_yaml_mapping(path, "recipe")
     if "name" in raw:
         raise RecipeError(f"{path}: name: not a recipe key; the file name ({path.stem}) is the recipe name")
     name = path.stem
