@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     recipe_sub = recipe.add_subparsers(dest="recipe_command", required=True)
     show = recipe_sub.add_parser("show", help="print a recipe's resolved values under a profile")
     show.add_argument("file", type=Path)
-    show.add_argument("--profile", default="full", help="smoke, quick or full (default: %(default)s)")
+    show.add_argument("--profile", default="quick", help="smoke, quick or full, as for train (default: %(default)s)")
 
     for name, help_text in (("train", "train one recipe"), ("run", "train several recipes in turn")):
         p = sub.add_parser(name, help=help_text)

@@ -137,7 +137,7 @@ NON_NEGATIVE = {
 
 
 def read_yaml_mapping(path: Path, kind: str) -> dict:
-    """Parse YAML file `path` that must hold a mapping; raise RecipeError naming the file otherwise.
+    """Parse YAML file `path`, which must contain a mapping; raise RecipeError naming the file otherwise.
 
     `kind` names the file in messages ("recipe", "plan", "criteria").
     """

@@ -57,7 +57,12 @@ def accuracy_table(runs: list[dict]) -> pd.DataFrame:
                        final_top5=last["val_top5"], top5_k=int(last.get("top5_k", 5)), final_balanced_acc=last["val_balanced_acc"],
                        final_val_loss=last["val_loss"], final_train_loss=last["train_loss"])
         rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    # Nullable integers, so that a run without a finished epoch does not turn the column into floats.
+    for column in ("epochs", "images_seen", "best_epoch", "top5_k"):
+        if column in table:
+            table[column] = table[column].astype("Int64")
+    return table
 
 
 def _spread(frame: pd.DataFrame, keys: list[str], prefix: str) -> pd.DataFrame:
