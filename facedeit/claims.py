@@ -1,6 +1,7 @@
 """Criteria -> verdicts, read from run folders: does SGD fail where AdamW works for DeiT?"""
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -62,8 +63,11 @@ def run_outcome(info: dict, steps: pd.DataFrame, epochs: pd.DataFrame, criteria:
     last_epoch = epochs["epoch"].max()
     end_loss = steps.loc[steps["epoch"] == last_epoch, "loss"].mean()
     loss_drop = 1.0 - end_loss / start_loss
-    val_top1 = float(epochs.loc[epochs["epoch"] == last_epoch, "val_top1"].iloc[0])
+    last = epochs.loc[epochs["epoch"] == last_epoch].iloc[0]
+    val_top1 = float(last["val_top1"])
     margin = val_top1 - row["majority_top1"]
+    # Not a criterion: it shows whether a run did more than predict the most frequent person.
+    row["val_balanced_acc"] = float(last["val_balanced_acc"]) if "val_balanced_acc" in last else None
     if loss_drop < criteria.fails_max_loss_drop and margin <= criteria.fails_max_top1_margin:
         outcome = FAILS
     elif loss_drop >= criteria.works_min_loss_drop and margin >= criteria.works_min_top1_margin:
@@ -88,16 +92,52 @@ def load_criteria(path: str | Path) -> Criteria:
     for key, value in raw.items():
         if key not in types:
             raise RecipeError(f"{path}: {key}: unknown key (allowed: {', '.join(types)})")
-        kind = int if types[key] in (int, "int") else float
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-            raise RecipeError(f"{path}: {key}: expected {'an integer' if kind is int else 'a number'}, got {value!r}")
-        if value < 0 or (key in ("start_steps", "min_seeds") and value < 1):
-            raise RecipeError(f"{path}: {key}: {value!r} is out of range")
-        values[key] = kind(value)
+        values[key] = _criteria_value(path, key, value, int if types[key] in (int, "int") else float)
     missing = sorted(set(types) - set(values))
     if missing:
         raise RecipeError(f"{path}: {missing[0]}: missing required key")
+    for low, high in (("fails_max_loss_drop", "works_min_loss_drop"), ("fails_max_top1_margin", "works_min_top1_margin")):
+        if values[low] > values[high]:
+            raise RecipeError(f"{path}: {low}: {values[low]!r} is above {high} ({values[high]!r}), so a run could both "
+                              "fail and work")
     return Criteria(**values)
+
+
+def check_plan_criteria(plan, criteria: Criteria) -> None:
+    """Raise PlanError when no claim of `plan` could ever hold under `criteria`."""
+    from facedeit.claim_plan import PlanError
+
+    seeds = {r.seed for r in plan.runs if r.group == "claims"}
+    if criteria.min_seeds > len(seeds):
+        raise PlanError(f"{plan.path}: claims.seeds: {len(seeds)} seed(s) planned but the criteria need min_seeds "
+                        f"{criteria.min_seeds}, so no claim could hold; add seeds or lower min_seeds")
+
+
+# Allowed ranges, inclusive: loss drops are fractions, top-1 margins percentage points.
+CRITERIA_RANGES = {"start_steps": (1, None), "min_seeds": (1, None), "fails_max_loss_drop": (0.0, 1.0),
+                   "works_min_loss_drop": (0.0, 1.0), "fails_max_top1_margin": (0.0, 100.0),
+                   "works_min_top1_margin": (0.0, 100.0)}
+
+
+def _criteria_value(path: Path, key: str, value, kind):
+    if isinstance(value, bool):
+        raise RecipeError(f"{path}: {key}: expected a number, got {value!r}")
+    if kind is int:
+        if not isinstance(value, int):
+            raise RecipeError(f"{path}: {key}: expected an integer, got {value!r}")
+    else:
+        # PyYAML reads `3e-1` (no dot) as a string, as in recipe files.
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise RecipeError(f"{path}: {key}: expected a number, got {value!r}") from None
+        if not math.isfinite(value):
+            raise RecipeError(f"{path}: {key}: expected a finite number, got {value!r}")
+    low, high = CRITERIA_RANGES[key]
+    if value < low or (high is not None and value > high):
+        bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+        raise RecipeError(f"{path}: {key}: {value!r} is out of range (must be {bounds})")
+    return value
 
 
 def record_criteria(criteria_file: str | Path, results_dir: str | Path) -> dict:
@@ -122,7 +162,7 @@ def record_criteria(criteria_file: str | Path, results_dir: str | Path) -> dict:
 HOLDS, DOES_NOT_HOLD, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
 OPPOSITE = {FAILS: WORKS, WORKS: FAILS}
 OUTCOME_COLUMNS = ("group", "label", "run", "seed", "lr", "warmup_epochs", "status", "epochs_done", "images_seen",
-                   "majority_top1", "start_loss", "end_loss", "loss_drop", "val_top1", "top1_margin", "outcome")
+                   "majority_top1", "start_loss", "end_loss", "loss_drop", "val_top1", "top1_margin", "val_balanced_acc", "outcome")
 
 
 def expect_verdict(expect: str, outcomes: list[str], seeds: int, criteria: Criteria, need_seeds: bool = True) -> str:
@@ -148,18 +188,38 @@ def both_verdict(verdicts: list[str]) -> str:
     return INCONCLUSIVE
 
 
-def _same_recipe(info: dict, resolved: dict) -> bool:
-    return json.loads(json.dumps(info["resolved"]["recipe"], default=str)) == json.loads(json.dumps(resolved["recipe"], default=str))
+def planned_status(plan, results_dir: Path) -> dict[str, str]:
+    """Map each planned run name to its folder's status, `changed` when its recipe values are not the plan's,
+    or `missing`."""
+    from facedeit.recipes import resolve
+    from facedeit.runs import same_recipe_values
+
+    statuses = {}
+    for planned in plan.runs:
+        name = planned.run_name(plan.profile)
+        info_file = Path(results_dir) / "runs" / name / "run.json"
+        if not info_file.is_file():
+            statuses[name] = "missing"
+            continue
+        try:
+            info = json.loads(info_file.read_text())
+        except json.JSONDecodeError:
+            statuses[name] = "unreadable run.json"
+            continue
+        same = same_recipe_values(info["resolved"]["recipe"], resolve(planned.recipe, plan.profile).to_dict()["recipe"])
+        statuses[name] = info["status"] if same else "changed"
+    return statuses
 
 
 def plan_outcomes(plan, runs: list[dict], criteria: Criteria) -> pd.DataFrame:
-    """One row per planned run: its outcome and metrics, or why it has none.
+    """Tabulate each planned run: its outcome and metrics, or why it has none.
 
     `runs` come from facedeit.report.load_runs. A run folder counts only if
     its recipe values are the plan's. A folder trained from an older plan is
     listed as `changed` and left out of every verdict.
     """
     from facedeit.recipes import resolve
+    from facedeit.runs import same_recipe_values
 
     by_name = {r["info"]["run"]: r for r in runs}
     rows = []
@@ -170,7 +230,7 @@ def plan_outcomes(plan, runs: list[dict], criteria: Criteria) -> pd.DataFrame:
         if run is None:
             rows.append({**base, "status": "missing", "outcome": None})
             continue
-        if not _same_recipe(run["info"], resolve(planned.recipe, plan.profile).to_dict()):
+        if not same_recipe_values(run["info"]["resolved"]["recipe"], resolve(planned.recipe, plan.profile).to_dict()["recipe"]):
             rows.append({**base, "status": "changed", "outcome": None})
             continue
         if run["info"]["status"] in ("running", "stopped", "failed"):
@@ -220,6 +280,7 @@ def claim_summary(plan, outcomes: pd.DataFrame, criteria: Criteria) -> pd.DataFr
             "outcomes": ", ".join(f"{o} {int(counts[o])}" for o in counts.index) or "none",
             **_stats(judged["val_top1"] if not judged.empty else pd.Series(dtype=float), "val_top1"),
             **_stats(judged["loss_drop"] if not judged.empty else pd.Series(dtype=float), "loss_drop"),
+            "val_balanced_acc_mean": pd.to_numeric(judged["val_balanced_acc"]).mean() if not judged.empty else None,
             "epochs": "/".join(str(int(e)) for e in sorted(set(judged["epochs_done"]))) if not judged.empty else "",
             "images_seen_per_run": judged["images_seen"].mean() if not judged.empty else None,
             "verdict": verdict,

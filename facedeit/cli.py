@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="write results/REPORT.md, tables and plots from the run folders")
     report.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="results folder (default: %(default)s)")
     report.add_argument("--recipes", type=Path, default=Path("recipes"), help="recipe folder for the paper table (default: %(default)s)")
-    report.add_argument("--plan", type=Path, default=DEFAULT_PLAN, help="claims plan (default: %(default)s)")
+    report.add_argument("--plan", type=Path,
+                        help=f"claims plan (default: {DEFAULT_PLAN}; without it the claims section is left out)")
     report.add_argument("--criteria", type=Path, default=DEFAULT_CRITERIA, help="criteria file (default: %(default)s)")
     return parser
 
@@ -153,32 +154,39 @@ def cmd_train(args) -> int:
 
 def cmd_claims(args) -> int:
     from facedeit.claim_plan import load_plan, training_order
-    from facedeit.claims import load_criteria, record_criteria
+    from facedeit.claims import check_plan_criteria, load_criteria, planned_status, record_criteria
     from facedeit.distributed import pick_device
     from facedeit.report import write_report
-    from facedeit.train import train_recipe
+    from facedeit.train import RunExistsError, train_recipe
 
+    if args.max_runs is not None and args.max_runs < 0:
+        raise ValueError(f"--max-runs: {args.max_runs} must not be negative")
     plan = load_plan(args.plan)
-    load_criteria(args.criteria)
-    todo = [r for r in training_order(plan) if args.only in (None, r.group)]
-    done = {r.run_name(plan.profile): _run_status(args.results, r.run_name(plan.profile)) for r in todo}
+    check_plan_criteria(plan, load_criteria(args.criteria))
+    todo = training_order(plan, args.only)
+    status = planned_status(plan, args.results)
     if args.dry_run:
         for run in todo:
             name = run.run_name(plan.profile)
-            print(f"{run.group:9} {run.label:24} {name}: {done[name] or 'not trained'}")
+            print(f"{run.group:9} {run.label:24} {name}: {status[name]}")
         return 0
-    if args.max_runs is not None and args.max_runs < 0:
-        raise ValueError("--max-runs must not be negative")
-    record_criteria(args.criteria, args.results)
+    changed = [r.run_name(plan.profile) for r in todo if status[r.run_name(plan.profile)] == "changed"]
+    if changed:
+        raise RunExistsError(f"{args.results / 'runs' / changed[0]}: was trained with other recipe values than "
+                             f"{args.plan} gives ({len(changed)} such run folder(s)); remove them to train them again")
+    if not (args.crops / "split.csv").is_file():
+        raise FileNotFoundError(f"{args.crops / 'split.csv'}: not found; run `facedeit crop` first")
     device = pick_device(args.device)
     trained = 0
     for run in todo:
         name = run.run_name(plan.profile)
-        if done[name] in ("finished", "diverged"):
+        if status[name] in ("finished", "diverged"):
             continue
         if args.max_runs is not None and trained >= args.max_runs:
             log.info("stopping after %d run(s) (--max-runs); run `facedeit claims` again to continue", trained)
             break
+        # Recorded before the first claims run trains, so that the report can tell whether the criteria changed later.
+        record_criteria(args.criteria, args.results)
         log.info("claims: %s (%s, %s)", name, run.group, run.label)
         train_recipe(run.recipe, args.crops, args.results, plan.profile, run.seed, resume=True, device=device,
                      progress=not args.no_progress, keep_checkpoints=1, recipe_file=run.recipe_file)
@@ -188,20 +196,13 @@ def cmd_claims(args) -> int:
     return 0
 
 
-def _run_status(results: Path, name: str) -> str | None:
-    info = results / "runs" / name / "run.json"
-    if not info.is_file():
-        return None
-    try:
-        return json.loads(info.read_text()).get("status")
-    except json.JSONDecodeError:
-        return "unreadable run.json"
-
-
 def cmd_report(args) -> int:
     from facedeit.report import write_report
 
-    path = write_report(args.results, args.recipes, args.criteria, args.plan)
+    plan = args.plan if args.plan is not None else DEFAULT_PLAN
+    if args.plan is not None and not args.plan.is_file():
+        raise FileNotFoundError(f"{args.plan}: plan file not found")
+    path = write_report(args.results, args.recipes, args.criteria, plan)
     print(f"report: {path}")
     return 0
 

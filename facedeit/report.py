@@ -11,7 +11,7 @@ import pandas as pd
 
 from facedeit.bench_table import benchmark_section
 from facedeit.claim_plan import load_plan
-from facedeit.claims import load_criteria
+from facedeit.claims import check_plan_criteria, load_criteria
 from facedeit.claims_report import claims_tables, plot_claims, render_claims
 from facedeit.io import write_csv_atomic, write_text_atomic
 from facedeit.paper_table import paper_table
@@ -178,6 +178,7 @@ def write_report(results_dir: Path, recipes_dir: Path = Path("recipes"),
     claims_text = f"## Claims\n\n_No claims plan at `{plan_file}`; pass `--plan` to add this section._\n"
     if Path(plan_file).is_file():
         plan, criteria = load_plan(plan_file), load_criteria(criteria_file)
+        check_plan_criteria(plan, criteria)
         found = claims_tables(plan, runs, criteria)
         tables.update(found)
         plots = plot_claims(plan, runs, found, plots_dir)

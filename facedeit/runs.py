@@ -74,3 +74,15 @@ def file_sha256(path: Path) -> str:
 
 def read_run(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "run.json").read_text())
+
+
+# Recipe fields that document a run but do not change what it trains.
+DESCRIPTIVE_FIELDS = ("description", "source")
+
+
+def same_recipe_values(trained: dict, planned: dict) -> bool:
+    """Compare two resolved recipe dicts, leaving out description and source."""
+    def values(recipe: dict) -> dict:
+        plain = json.loads(json.dumps(recipe, default=str))
+        return {k: v for k, v in plain.items() if k not in DESCRIPTIVE_FIELDS}
+    return values(trained) == values(planned)

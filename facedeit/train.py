@@ -26,7 +26,7 @@ from facedeit.io import write_csv_atomic, write_json_atomic
 from facedeit.models import build_model
 from facedeit.optim import build_optimizer, build_scheduler, build_train_loss, schedule_lengths
 from facedeit.recipes import Recipe, Resolved, resolve
-from facedeit.runs import environment, file_sha256, now_utc, run_name
+from facedeit.runs import environment, file_sha256, now_utc, run_name, same_recipe_values
 from facedeit.timing import BatchTimer
 
 log = logging.getLogger(__name__)
@@ -254,7 +254,7 @@ def _previous_state(info_file: Path, resume: bool, split_sha: str, run: Resolved
     if info["data"]["split_sha256"] != split_sha:
         raise RunExistsError(f"{run_dir}: was trained on another split.csv; remove the folder or pass another "
                              "--results folder to train on the new data")
-    if json.loads(json.dumps(info["resolved"]["recipe"])) != json.loads(json.dumps(run.to_dict()["recipe"])):
+    if not same_recipe_values(info["resolved"]["recipe"], run.to_dict()["recipe"]):
         raise RunExistsError(f"{run_dir}: was trained with other recipe values; remove the folder or pass another "
                              "--results folder to train the changed recipe")
     if info["status"] in ("finished", "diverged"):

@@ -78,7 +78,7 @@ def write_run(results: Path, planned, profile: str, status: str, loss: tuple, to
             "seed": planned.seed, "status": status, "epochs_done": epochs_done, "resolved": resolved,
             "schedule_updates": {"steps_per_epoch": STEPS_PER_EPOCH},
             "model": {"name": planned.recipe.model.name}, "departures": [],
-            "data": {"split_sha256": "abc", "num_classes": 10, "train_images": 400, "val_images": 100,
+            "data": {"crops_dir": str(results / "no_crops"), "split_sha256": "abc", "num_classes": 10, "train_images": 400, "val_images": 100,
                      "chance_top1": 10.0, "majority_top1": MAJORITY},
             "env": {"device_name": "cpu", "python": "3", "packages": {}, "git_commit": None},
             "started": "2026-01-01T00:00:00+00:00"}
@@ -109,6 +109,16 @@ def test_plan_order_and_names(plan_file):
     (("paper:", "papers:"), "papers"),
     (("seeds: [0, 1, 2]", "seeds: [0, 0]"), "seeds"),
     (("of: [sgd_fails, adamw_works]", "of: [sgd_fails, other]"), "of"),
+    (("seeds: [0, 1, 2]", "seeds: [0, 1, 2]\n  seed: [5]"), "claims.seed"),
+    (("recipe: recipes/seed_sgd.yaml}", "recipe: recipes/seed_sgd.yaml, overrides: {}}"), "claims.list[0].overrides"),
+    (("adamw_top1: 81.8", "adamw_top1: 818"), "paper.adamw_top1"),
+    (("  overrides: {schedule: {name: cosine, warmup_epochs: 0, min_lr: 0.0}}", "  overrides: [1, 2]"), "sweep.overrides"),
+    (("lr: [0.01, 0.1]", "lr: [0.01, 0.0100000001]"), "sweep.lr"),
+    (("name: sgd_every_lr", "name: sgd_fails"), "sweep.name"),
+    (("  both:\n    - {name: claim, text: \"SGD fails where AdamW works\", of: [sgd_fails, adamw_works]}", "  both: x"),
+     "claims.both"),
+    (("    mixup: {augment.mixup: 0.0}", "    full: {augment.mixup: 0.0}"), "ablation.remove.full"),
+    (("    mixup: {augment.mixup: 0.0}", "    ../x: {augment.mixup: 0.0}"), "ablation.remove.../x"),
 ])
 def test_plan_errors_name_the_key(tmp_path, edit, key):
     path = tmp_path / "plan.yaml"
@@ -124,6 +134,9 @@ def test_plan_errors_name_the_key(tmp_path, edit, key):
     (("min_seeds: 3", "min_seeds: 3\nmax_seeds: 4"), "max_seeds"),
     (("start_steps: 10\n", ""), "start_steps"),
     (("fails_max_loss_drop: 0.10", "fails_max_loss_drop: low"), "fails_max_loss_drop"),
+    (("fails_max_loss_drop: 0.10", "fails_max_loss_drop: .nan"), "fails_max_loss_drop"),
+    (("works_min_loss_drop: 0.25", "works_min_loss_drop: 25"), "works_min_loss_drop"),
+    (("fails_max_top1_margin: 5.0", "fails_max_top1_margin: 12.0"), "fails_max_top1_margin"),
 ])
 def test_criteria_errors_name_the_key(tmp_path, edit, key):
     path = tmp_path / "criteria.yaml"
@@ -176,7 +189,7 @@ def test_report_from_hand_made_runs(tmp_path, plan_file, monkeypatch):
     assert ablation.loc["mixup", "vs_full"] == pytest.approx(-8.0)
     assert ablation.loc["adamw", "runs"] == 0
     report = (results / "REPORT.md").read_text()
-    assert "**SGD does not learn: holds.**" in report
+    assert "**SGD does not learn: holds** at profile `quick`" in report
     assert "81.8% top-1 with AdamW" in report
     assert "has not been recorded" in report
     for plot in ("claims_curves.png", "claims_sweep.png", "claims_ablation.png"):
@@ -203,3 +216,55 @@ def test_report_flags_changed_runs_and_criteria(tmp_path, plan_file, monkeypatch
     outcomes = pd.read_csv(results / "tables" / "claims_runs.csv").set_index("run")
     assert outcomes.loc[first.run_name("quick"), "status"] == "changed"
     assert "The file has changed since" in (results / "REPORT.md").read_text()
+
+
+def test_criteria_accept_exponent_strings(tmp_path):
+    path = tmp_path / "criteria.yaml"
+    path.write_text(CRITERIA.replace("works_min_loss_drop: 0.25", "works_min_loss_drop: 3e-1"))
+    assert load_criteria(path).works_min_loss_drop == pytest.approx(0.3)
+
+
+def test_min_seeds_above_planned_seeds(tmp_path, plan_file):
+    from facedeit.claims import check_plan_criteria
+
+    path = tmp_path / "criteria.yaml"
+    path.write_text(CRITERIA.replace("min_seeds: 3", "min_seeds: 4"))
+    with pytest.raises(PlanError, match="min_seeds"):
+        check_plan_criteria(load_plan(plan_file, REPO), load_criteria(path))
+
+
+def test_only_ablation_includes_full_recipe(plan_file):
+    plan = load_plan(plan_file, REPO)
+    labels = [r.label for r in training_order(plan, "ablation")]
+    assert labels == ["full", "mixup", "adamw"]
+
+
+def test_report_rejects_missing_plan(tmp_path, capsys):
+    assert main(["report", "--results", str(tmp_path), "--plan", str(tmp_path / "none.yaml")]) == 2
+    assert "none.yaml: plan file not found" in capsys.readouterr().err
+
+
+def test_claims_rejects_changed_run_before_training(tmp_path, plan_file, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    plan = load_plan(plan_file, REPO)
+    results = tmp_path / "results"
+    criteria_file = tmp_path / "criteria.yaml"
+    criteria_file.write_text(CRITERIA)
+    first = plan.runs[0]
+    write_run(results, first, "quick", "finished", (4.0, 3.9), MAJORITY)
+    info_file = results / "runs" / first.run_name("quick") / "run.json"
+    info = json.loads(info_file.read_text())
+    info["resolved"]["recipe"]["description"] = "edited text only"
+    info_file.write_text(json.dumps(info))
+    args = ["claims", "--plan", str(plan_file), "--criteria", str(criteria_file), "--results", str(results),
+            "--crops", str(tmp_path / "no_crops")]
+
+    # A description edit does not change what the run trains, so only the missing crops stop the command.
+    assert main(args) == 2
+    assert "no_crops/split.csv: not found" in capsys.readouterr().err
+
+    info["resolved"]["recipe"]["optimizer"]["lr"]["base"] = 0.5
+    info_file.write_text(json.dumps(info))
+    assert main(args) == 2
+    assert "was trained with other recipe values" in capsys.readouterr().err
+    assert not (results / "claims" / "criteria.lock.json").exists()
