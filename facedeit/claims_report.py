@@ -176,6 +176,7 @@ def render_claims(plan: Plan, runs: list[dict], tables: dict, criteria: Criteria
     distinct = judged.drop_duplicates("run")
     hours = sum(_seconds(by_name[name]) for name in distinct["run"]) / 3600
     devices = sorted({by_name[name]["info"]["env"]["device_name"] for name in distinct["run"]})
+    images = pd.to_numeric(distinct["images_seen"]).dropna() if not distinct.empty else pd.Series(dtype=float)
     lines = [
         "## Claims: does SGD fail where AdamW works?",
         "",
@@ -193,8 +194,8 @@ def render_claims(plan: Plan, runs: list[dict], tables: dict, criteria: Criteria
         "",
         f"**Compute behind the verdicts**: {len(distinct)} distinct run(s) judged out of "
         f"{outcomes['run'].nunique() if not outcomes.empty else 0} planned, "
-        + (f"{int(distinct['epochs_done'].max())} epoch(s) each, {int(distinct['images_seen'].min())} to "
-           f"{int(distinct['images_seen'].max())} train images seen per run, {hours:.2f} h of training on "
+        + (f"{int(distinct['epochs_done'].max())} epoch(s) each, {int(images.min())} to "
+           f"{int(images.max())} train images seen per run, {hours:.2f} h of training on "
            f"{', '.join(devices)}." if not distinct.empty else "nothing trained yet."),
         "",
     ]
@@ -239,6 +240,11 @@ def render_claims(plan: Plan, runs: list[dict], tables: dict, criteria: Criteria
               "The DeiT-B column on DeiT-Ti-LS with one ingredient removed at a time. `vs_full` is the difference "
               "of means from the full recipe, in points; compare it with the spread over seeds before reading "
               "anything into it.", ""]
+    full = ablation.loc[ablation["removed"] == "none (full recipe)", "outcomes"] if not ablation.empty else ablation
+    if len(full) and "works" not in str(full.iloc[0]):
+        lines += ["The full recipe does not learn at this budget (outcomes: " + str(full.iloc[0]) + "), so removing an "
+                  "ingredient cannot show what that ingredient adds. The rows can only show whether a recipe without it "
+                  "starts to learn sooner.", ""]
     if "claims_ablation.png" in plots:
         lines += ["![ablation](plots/claims_ablation.png)", ""]
     lines += [_markdown(ablation, ".2f")]
