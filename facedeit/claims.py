@@ -165,16 +165,18 @@ OUTCOME_COLUMNS = ("group", "label", "run", "seed", "lr", "warmup_epochs", "stat
                    "majority_top1", "start_loss", "end_loss", "loss_drop", "val_top1", "top1_margin", "val_balanced_acc", "outcome")
 
 
-def expect_verdict(expect: str, outcomes: list[str], seeds: int, criteria: Criteria, need_seeds: bool = True) -> str:
+def expect_verdict(expect: str, outcomes: list[str], seeds: int, criteria: Criteria, need_seeds: bool = True,
+                   complete: bool = True) -> str:
     """Verdict on "these runs `expect`" (fails or works) from the runs' outcomes.
 
     One run with the opposite outcome is enough to reject the claim. To hold,
     every run needs the claimed outcome, over at least `criteria.min_seeds`
-    seeds unless `need_seeds` is false (the lr sweep, one run per point).
+    seeds unless `need_seeds` is false (the lr sweep, one run per point), and
+    every planned run judged unless `complete` is true.
     """
     if OPPOSITE[expect] in outcomes:
         return DOES_NOT_HOLD
-    if outcomes and all(o == expect for o in outcomes) and (not need_seeds or seeds >= criteria.min_seeds):
+    if outcomes and complete and all(o == expect for o in outcomes) and (not need_seeds or seeds >= criteria.min_seeds):
         return HOLDS
     return INCONCLUSIVE
 
@@ -271,7 +273,10 @@ def claim_summary(plan, outcomes: pd.DataFrame, criteria: Criteria) -> pd.DataFr
         judged = _judged(frame)
         outcome_list = list(judged["outcome"]) if not judged.empty else []
         seeds = judged["seed"].nunique() if not judged.empty else 0
-        verdict = expect_verdict(claim.expect, outcome_list, seeds, criteria, need_seeds=claim.group == "claims")
+        # The sweep has one seed per point, so it needs every point instead of min_seeds seeds.
+        sweep = claim.group == "sweep"
+        verdict = expect_verdict(claim.expect, outcome_list, seeds, criteria, need_seeds=not sweep,
+                                 complete=not sweep or len(judged) == len(frame))
         verdicts[claim.name] = verdict
         counts = pd.Series(outcome_list, dtype=object).value_counts()
         rows.append({

@@ -1,16 +1,21 @@
 """The claims section of REPORT.md, its tables and plots, drawn from saved runs only."""
 
 import json
-import logging
 from pathlib import Path
 
 import pandas as pd
 
 from facedeit.claim_plan import Plan
-from facedeit.claims import (HOLDS, Criteria, ablation_table, claim_summary, plan_outcomes, sweep_table)
+from facedeit.claims import (DOES_NOT_HOLD, HOLDS, INCONCLUSIVE, Criteria, ablation_table, claim_summary,
+                             plan_outcomes, sweep_table)
 from facedeit.runs import file_sha256
 
-log = logging.getLogger(__name__)
+# The reading of each sweep verdict for the team's claim.
+SWEEP_READING = {
+    HOLDS: "SGD fails at every lr tried, not only at the team's settings.",
+    DOES_NOT_HOLD: "SGD learns at one or more of these lrs, so its failure is tied to the team's settings.",
+    INCONCLUSIVE: "The sweep does not settle whether SGD fails only at the team's settings.",
+}
 
 # Rolling window of the train-loss curves, in updates. The raw losses are in steps.csv.
 SMOOTH_UPDATES = 20
@@ -168,16 +173,38 @@ def _criteria_status(criteria_file: Path, lock_file: Path, runs: list[dict], pla
 
 def render_claims(plan: Plan, runs: list[dict], tables: dict, criteria: Criteria, criteria_file: Path,
                   results_dir: Path, plots: list[str]) -> str:
-    outcomes, summary = tables["claims_runs"], tables["claims_summary"]
-    sweep, ablation = tables["claims_sweep"], tables["claims_ablation"]
-    judged = outcomes[outcomes["outcome"].notna()] if "outcome" in outcomes else outcomes.iloc[0:0]
+    """Write the claims section of REPORT.md as Markdown: criteria, compute, verdicts, sweep, paper, ablation."""
+    outcomes = tables["claims_runs"]
+    judged = outcomes[outcomes["outcome"].notna()].drop_duplicates("run")
+    lines = _intro_lines(plan, runs, outcomes, judged, criteria, criteria_file, results_dir)
+    if "claims_curves.png" in plots:
+        lines += ["![claims curves](plots/claims_curves.png)", ""]
+    epochs = int(judged["epochs_done"].max()) if not judged.empty else 0
+    lines += _summary_lines(plan, tables["claims_summary"], epochs)
+    sweep_claim = next(c.name for c in plan.claims if c.group == "sweep")
+    summary = tables["claims_summary"]
+    lines += _sweep_lines(tables["claims_sweep"], summary.loc[summary["claim"] == sweep_claim, "verdict"].iloc[0], plots)
+    lines += _paper_lines(plan, tables["claims_summary"], tables["claims_ablation"])
+    lines += _ablation_lines(tables["claims_ablation"], plots)
+    missing = outcomes[outcomes["outcome"].isna()].drop_duplicates("run")
+    if not missing.empty:
+        counts = ", ".join(f"{n} {group}" for group, n in missing["group"].value_counts(sort=False).items())
+        lines += [f"{len(missing)} planned run(s) have no result yet ({counts}); `tables/claims_runs.csv` lists "
+                  "them with their status. `make claims` trains the missing ones and continues stopped ones; a "
+                  "`changed` folder must be removed first.", ""]
+    return "\n".join(lines)
+
+
+def _intro_lines(plan, runs, outcomes, judged, criteria, criteria_file, results_dir) -> list[str]:
     by_name = {r["info"]["run"]: r for r in runs}
-    planned_names = set(outcomes["run"]) if not outcomes.empty else set()
-    distinct = judged.drop_duplicates("run")
-    hours = sum(_seconds(by_name[name]) for name in distinct["run"]) / 3600
-    devices = sorted({by_name[name]["info"]["env"]["device_name"] for name in distinct["run"]})
-    images = pd.to_numeric(distinct["images_seen"]).dropna() if not distinct.empty else pd.Series(dtype=float)
-    lines = [
+    hours = sum(_seconds(by_name[name]) for name in judged["run"]) / 3600
+    devices = sorted({by_name[name]["info"]["env"]["device_name"] for name in judged["run"]})
+    images = pd.to_numeric(judged["images_seen"]).dropna()
+    compute = "nothing trained yet."
+    if not judged.empty:
+        compute = (f"{int(judged['epochs_done'].max())} epoch(s) each, {int(images.min())} to {int(images.max())} "
+                   f"train images seen per run, {hours:.2f} h of training on {', '.join(devices)}.")
+    return [
         "## Claims: does SGD fail where AdamW works?",
         "",
         f"Trained by `facedeit claims` from `{plan.path}` at profile `{plan.profile}`; every run uses the same crops "
@@ -185,23 +212,21 @@ def render_claims(plan: Plan, runs: list[dict], tables: dict, criteria: Criteria
         "",
         *[f"- {line}" for line in criteria.describe()],
         "",
-        _criteria_status(criteria_file, results_dir / "claims" / "criteria.lock.json", runs, planned_names),
+        _criteria_status(criteria_file, results_dir / "claims" / "criteria.lock.json", runs, set(outcomes["run"])),
         "",
         "A model that learns only how often each person occurs lowers the loss from ln(people) to the entropy of "
-        "the label distribution" + _prior_drop_text(runs) + ". The balanced accuracy (mean of per-person recall; 100/people when a run always "
-        "predicts one person) shows whether a run did more than that. Train losses are not comparable across "
-        "recipes with mixup, cutmix or label smoothing, which change the targets.",
+        "the label distribution" + _prior_drop_text(runs) + ". The balanced accuracy (mean of per-person recall, "
+        "100/people when a run always predicts one person) shows whether a run did more than that. Train losses "
+        "are not comparable across recipes with mixup, cutmix or label smoothing, which change the targets.",
         "",
-        f"**Compute behind the verdicts**: {len(distinct)} distinct run(s) judged out of "
-        f"{outcomes['run'].nunique() if not outcomes.empty else 0} planned, "
-        + (f"{int(distinct['epochs_done'].max())} epoch(s) each, {int(images.min())} to "
-           f"{int(images.max())} train images seen per run, {hours:.2f} h of training on "
-           f"{', '.join(devices)}." if not distinct.empty else "nothing trained yet."),
+        f"**Compute behind the verdicts**: {len(judged)} distinct run(s) judged out of "
+        f"{outcomes['run'].nunique()} planned, {compute}",
         "",
     ]
-    if "claims_curves.png" in plots:
-        lines += ["![claims curves](plots/claims_curves.png)", ""]
 
+
+def _summary_lines(plan: Plan, summary: pd.DataFrame, epochs: int) -> list[str]:
+    lines = []
     table = summary[summary["expect"] != "both"].copy()
     if not table.empty:
         table["val top-1 mean ± sd [min, max]"] = [_spread_text(r) for _, r in table.iterrows()]
@@ -213,33 +238,38 @@ def render_claims(plan: Plan, runs: list[dict], tables: dict, criteria: Criteria
         lines += [_markdown(table[["claim", "expect", "runs", "planned", "seeds", "epochs", "images/run", "outcomes",
                                    "val top-1 mean ± sd [min, max]", "balanced acc mean (%)", "loss drop mean (%)",
                                    "verdict"]], ".1f"), ""]
-    epochs = int(distinct["epochs_done"].max()) if not distinct.empty else 0
     for row in summary.itertuples():
         lines.append(f"- **{row.text}: {row.verdict}** at profile `{plan.profile}` ({epochs} epochs)."
                      + (f" ({row.outcomes}; the sweep and the ResNet18 control have their own verdicts.)"
                         if row.expect == "both" else ""))
     lines.append("")
+    return lines
 
-    lines += ["### A fair chance for SGD: lr sweep", "",
-              "The team's SGD recipe with the AdamW recipe's cosine schedule, so that the optimizer is the only "
-              "difference from `seed_adamw`; one seed per point.", ""]
+
+def _sweep_lines(sweep: pd.DataFrame, verdict: str, plots: list[str]) -> list[str]:
+    lines = ["### A fair chance for SGD: lr sweep", "",
+             "The team's SGD recipe with the AdamW recipe's cosine schedule, so that the optimizer is the only "
+             "difference from `seed_adamw`; one seed per point.", ""]
     if "claims_sweep.png" in plots:
         lines += ["![SGD lr sweep](plots/claims_sweep.png)", ""]
     lines += [_markdown(sweep.fillna({"outcome": ""}) if not sweep.empty else sweep, ".4g")]
-    best = sweep[sweep["val_top1"].notna()].sort_values("val_top1", ascending=False).head(1) if "val_top1" in sweep else sweep
+    judged = sweep[sweep["val_top1"].notna()] if not sweep.empty else sweep
+    best = judged.sort_values(["val_top1", "loss_drop"], ascending=False).head(1)
     if not best.empty:
         b = best.iloc[0]
         lines += [f"Best SGD point: lr {b['lr']:g}, warmup {b['warmup_epochs']:g} epoch(s) (of the recipe's 25, "
                   f"scaled with the profile): val top-1 {b['val_top1']:.2f}% ({b['top1_margin']:+.2f} points "
                   f"over the majority class), outcome **{b['outcome']}**. "
                   f"Points judged: {int(sweep['outcome'].notna().sum())} of {len(sweep)}.", ""]
+    lines += [SWEEP_READING.get(verdict, ""), ""]
+    return lines
 
-    lines += _paper_lines(plan, summary, ablation)
 
-    lines += ["### Ablation in the style of Table 8", "",
-              "The DeiT-B column on DeiT-Ti-LS with one ingredient removed at a time. `vs_full` is the difference "
-              "of means from the full recipe, in points; compare it with the spread over seeds before reading "
-              "anything into it.", ""]
+def _ablation_lines(ablation: pd.DataFrame, plots: list[str]) -> list[str]:
+    lines = ["### Ablation in the style of Table 8", "",
+             "The DeiT-B column on DeiT-Ti-LS with one ingredient removed at a time. `vs_full` is the difference "
+             "of means from the full recipe, in points; compare it with the spread over seeds before reading "
+             "anything into it.", ""]
     full = ablation.loc[ablation["removed"] == "none (full recipe)", "outcomes"] if not ablation.empty else ablation
     if len(full) and "works" not in str(full.iloc[0]):
         lines += ["The full recipe does not learn at this budget (outcomes: " + str(full.iloc[0]) + "), so removing an "
@@ -248,12 +278,7 @@ def render_claims(plan: Plan, runs: list[dict], tables: dict, criteria: Criteria
     if "claims_ablation.png" in plots:
         lines += ["![ablation](plots/claims_ablation.png)", ""]
     lines += [_markdown(ablation, ".2f")]
-    missing = outcomes[outcomes["outcome"].isna()].drop_duplicates("run") if "outcome" in outcomes else outcomes
-    if not missing.empty:
-        counts = ", ".join(f"{n} {group}" for group, n in missing["group"].value_counts(sort=False).items())
-        lines += [f"{len(missing)} planned run(s) have no result yet ({counts}); `tables/claims_runs.csv` lists "
-                  "them with their status. `make claims` trains them and keeps what exists.", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def _paper_lines(plan: Plan, summary: pd.DataFrame, ablation: pd.DataFrame) -> list[str]:

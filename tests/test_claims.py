@@ -61,8 +61,10 @@ def test_expect_verdict(expect, outcomes, seeds, verdict):
     assert expect_verdict(expect, outcomes, seeds, Criteria()) == verdict
 
 
-def test_sweep_verdict_needs_no_seeds():
+def test_sweep_verdict_needs_every_point():
     assert expect_verdict(FAILS, [FAILS, FAILS], 1, Criteria(), need_seeds=False) == HOLDS
+    assert expect_verdict(FAILS, [FAILS, FAILS], 1, Criteria(), need_seeds=False, complete=False) == INCONCLUSIVE
+    assert expect_verdict(FAILS, [FAILS, WORKS], 1, Criteria(), need_seeds=False, complete=False) == DOES_NOT_HOLD
 
 
 @pytest.mark.parametrize("parts, verdict", [
