@@ -113,7 +113,10 @@ def plot_claims(plan: Plan, runs: list[dict], tables: dict, plots_dir: Path) -> 
         ax.axvline(0, color="black", linewidth=0.8)
         ax.set(xlabel=f"val top-1 minus the full recipe's mean ({full.mean():.2f}%, {len(full)} seed(s)), points",
                ylabel="ingredient removed", title="DeiT-B column on DeiT-Ti-LS, one ingredient removed\n"
-               "bar = mean, line = range over seeds, dots = seeds; an empty row has no run yet")
+               "bar = mean, line = range, dots = seeds, empty row = no run yet")
+        # At least one point either side, so that a row of zeros does not fill the axis with rounding noise.
+        low, high = ax.get_xlim()
+        ax.set_xlim(min(low, -1.0), max(high, 1.0))
         written.append(_save(fig, plots_dir / "claims_ablation.png").name)
     return written
 
