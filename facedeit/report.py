@@ -165,7 +165,7 @@ def write_report(results_dir: Path, recipes_dir: Path = Path("recipes"),
     """Write REPORT.md, its tables and plots from `<results_dir>/runs`; return the report's path.
 
     The claims section needs `plan_file` and `criteria_file`; without the plan
-    file the report leaves that section out and says so.
+    file the report leaves that section out, with a line in its place.
     """
     results_dir = Path(results_dir)
     runs = load_runs(results_dir)

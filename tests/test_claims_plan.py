@@ -59,6 +59,7 @@ def write_run(results: Path, planned, profile: str, status: str, loss: tuple, to
     folder = results / "runs" / name
     folder.mkdir(parents=True)
     resolved = json.loads(json.dumps(resolve(planned.recipe, profile).to_dict(), default=str))
+
     updates = 3 * STEPS_PER_EPOCH if status != "diverged" else 5
     losses = np.linspace(loss[0], loss[1], updates)
     steps = pd.DataFrame({"epoch": np.arange(updates) // STEPS_PER_EPOCH, "step": np.arange(1, updates + 1),
@@ -69,10 +70,12 @@ def write_run(results: Path, planned, profile: str, status: str, loss: tuple, to
     epochs = pd.DataFrame({"epoch": [0, 1, 2], "train_loss": [losses[min(i * STEPS_PER_EPOCH, updates - 1)] for i in range(3)], "train_images_per_s": 320.0,
                            "train_s": 1.2, "lr_end": 0.01, "val_loss": 3.0, "val_top1": [MAJORITY, MAJORITY, top1],
                            "val_top5": 50.0, "top5_k": 5, "val_balanced_acc": 5.0, "val_images": 100})
+
     epochs_done = 3
     if status == "diverged":
         epochs = epochs.iloc[0:0]
         epochs_done = 0
+
     evals = pd.DataFrame({"epoch": [0], "batch": [0], "images": [64], "images_per_s": [900.0]})
     info = {"run": name, "recipe": planned.recipe.name, "recipe_file": planned.recipe_file, "profile": profile,
             "seed": planned.seed, "status": status, "epochs_done": epochs_done, "resolved": resolved,
