@@ -50,9 +50,6 @@ class Plan:
     runs: list[PlannedRun]
     paper: dict
 
-    def runs_of(self, group: str, label: str | None = None) -> list[PlannedRun]:
-        return [r for r in self.runs if r.group == group and (label is None or r.label == label)]
-
 
 # Claim names and ablation ingredients become parts of run folder names.
 NAME = re.compile(r"[a-z0-9_]+")

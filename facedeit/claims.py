@@ -2,7 +2,7 @@
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pandas as pd
@@ -77,10 +77,6 @@ def run_outcome(info: dict, steps: pd.DataFrame, epochs: pd.DataFrame, criteria:
     row.update(start_loss=start_loss, end_loss=end_loss, loss_drop=loss_drop, val_top1=val_top1,
                top1_margin=margin, outcome=outcome)
     return row
-
-
-def criteria_dict(criteria: Criteria) -> dict:
-    return asdict(criteria)
 
 
 def load_criteria(path: str | Path) -> Criteria:
@@ -167,12 +163,12 @@ OUTCOME_COLUMNS = ("group", "label", "run", "seed", "lr", "warmup_epochs", "stat
 
 def expect_verdict(expect: str, outcomes: list[str], seeds: int, criteria: Criteria, need_seeds: bool = True,
                    complete: bool = True) -> str:
-    """Verdict on "these runs `expect`" (fails or works) from the runs' outcomes.
+    """Return the verdict on "these runs `expect`" (fails or works) from the runs' outcomes.
 
     One run with the opposite outcome is enough to reject the claim. To hold,
     every run needs the claimed outcome, over at least `criteria.min_seeds`
-    seeds unless `need_seeds` is false (the lr sweep, one run per point), and
-    every planned run judged unless `complete` is true.
+    seeds unless `need_seeds` is false (the lr sweep, one run per point).
+    Holding also needs `complete`: every planned run has been judged.
     """
     if OPPOSITE[expect] in outcomes:
         return DOES_NOT_HOLD
@@ -182,7 +178,7 @@ def expect_verdict(expect: str, outcomes: list[str], seeds: int, criteria: Crite
 
 
 def both_verdict(verdicts: list[str]) -> str:
-    """Verdict on a claim made of several: holds if all hold, does not hold if one does not."""
+    """Return the verdict on a claim made of several: holds if all hold, does not hold if one does not."""
     if DOES_NOT_HOLD in verdicts:
         return DOES_NOT_HOLD
     if verdicts and all(v == HOLDS for v in verdicts):
@@ -191,8 +187,10 @@ def both_verdict(verdicts: list[str]) -> str:
 
 
 def planned_status(plan, results_dir: Path) -> dict[str, str]:
-    """Map each planned run name to its folder's status, `changed` when its recipe values are not the plan's,
-    or `missing`."""
+    """Map each planned run name to its folder's status, or to `changed` or `missing`.
+
+    `changed` means the folder was trained with recipe values other than the plan's.
+    """
     from facedeit.recipes import resolve
     from facedeit.runs import same_recipe_values
 
