@@ -109,7 +109,8 @@ def plot_claims(plan: Plan, runs: list[dict], tables: dict, plots_dir: Path) -> 
         rows = ablation[ablation["label"] != "full"].assign(vs_full=lambda f: f["val_top1"] - full.mean())
         fig, ax = plt.subplots(figsize=(8, 5))
         sns.barplot(data=rows, y="label", x="vs_full", order=order, errorbar=("pi", 100), ax=ax, color="tab:blue", alpha=0.6)
-        sns.stripplot(data=rows, y="label", x="vs_full", order=order, ax=ax, color="black", size=4)
+        # No jitter, so that the plot is the same each time the report is drawn.
+        sns.stripplot(data=rows, y="label", x="vs_full", order=order, ax=ax, color="black", size=4, jitter=False)
         ax.axvline(0, color="black", linewidth=0.8)
         ax.set(xlabel=f"val top-1 minus the full recipe's mean ({full.mean():.2f}%, {len(full)} seed(s)), points",
                ylabel="ingredient removed", title="DeiT-B column on DeiT-Ti-LS, one ingredient removed\n"
