@@ -18,7 +18,7 @@ RECIPES ?= recipes/seed_adamw.yaml recipes/seed_sgd.yaml \
 	recipes/resnet18_sgd.yaml recipes/resnet18_adamw.yaml \
 	recipes/vit_b_paper_tiny.yaml recipes/deit_b_paper_tiny.yaml
 
-.PHONY: install crop train claims report reproduce test bench clean-runs
+.PHONY: install check-recipes crop train claims report reproduce test bench clean-runs
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,10 +27,15 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# Recipes and the profile are checked before the crop stage, so a typo stops
+# `make train` in seconds instead of after MTCNN has run.
+check-recipes: install
+	$(PY) -m facedeit recipe check $(RECIPES) --profile $(PROFILE)
+
 crop: install
 	$(PY) -m facedeit crop $(if $(DATA),--data "$(DATA)") --out $(CROPS)
 
-train: crop
+train: check-recipes crop
 	$(LAUNCH) run $(RECIPES) --crops $(CROPS) --results $(RESULTS) \
 		--profile $(PROFILE) --seed $(SEED) --accum-steps $(ACCUM) --resume
 

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     show = recipe_sub.add_parser("show", help="print a recipe's resolved values under a profile")
     show.add_argument("file", type=Path)
     show.add_argument("--profile", default="quick", help="smoke, quick or full, as for train (default: %(default)s)")
+    check = recipe_sub.add_parser("check", help="check recipes under a profile without training (exit 2 on the first error)")
+    check.add_argument("files", type=Path, nargs="+")
+    check.add_argument("--profile", default="quick", help="smoke, quick or full, as for train (default: %(default)s)")
 
     for name, help_text in (("train", "train one recipe"), ("run", "train several recipes in turn")):
         p = sub.add_parser(name, help=help_text)
@@ -111,6 +114,15 @@ def cmd_recipe_show(args) -> int:
 
     run = resolve(load_recipe(args.file), args.profile)
     print(json.dumps(run.to_dict(), indent=2, default=str))
+    return 0
+
+
+def cmd_recipe_check(args) -> int:
+    from facedeit.recipes import load_recipe, resolve
+
+    for path in args.files:
+        run = resolve(load_recipe(path), args.profile)
+        print(f"ok: {path} ({run.recipe.model.name}, profile {args.profile}: {run.epochs} epochs, batch {run.batch_size}, lr {run.lr:.3g})")
     return 0
 
 
@@ -220,7 +232,7 @@ def main(argv=None) -> int:
     if args.command == "crop":
         handler = cmd_crop
     elif args.command == "recipe":
-        handler = cmd_recipe_show
+        handler = cmd_recipe_show if args.recipe_command == "show" else cmd_recipe_check
     elif args.command in ("train", "run"):
         if args.keep_checkpoints < 1:
             print("facedeit: error: --keep-checkpoints must be at least 1", file=sys.stderr)

@@ -116,6 +116,19 @@ def test_cli_recipe_show_prints_resolved_values(capsys):
     assert '"profile": "quick"' in out
 
 
+def test_cli_recipe_check_bad_input(tmp_path, capsys):
+    good = REPO / "recipes/seed_sgd.yaml"
+    assert main(["recipe", "check", str(good), "--profile", "quick"]) == 0
+    assert capsys.readouterr().out.startswith(f"ok: {good} (deit_tiny_ls, profile quick: 3 epochs")
+    assert main(["recipe", "check", str(good), "--profile", "bogus"]) == 2
+    assert "unknown profile 'bogus'" in capsys.readouterr().err
+    bad = write_recipe(tmp_path / "bad.yaml", TINY_RECIPE + "label_smoothing: 2\n")
+    assert main(["recipe", "check", str(good), str(bad)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"facedeit: error: {bad}: label_smoothing")
+    assert captured.out.startswith(f"ok: {good}")
+
+
 def test_cli_bad_recipe_one_line(tmp_path, capsys):
     path = write_recipe(tmp_path / "typo.yaml", TINY_RECIPE + "optimiser: {}\n")
     assert main(["recipe", "show", str(path)]) == 2
