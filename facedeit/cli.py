@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_crop(args) -> int:
     from facedeit.faces import (CropError, DetectorSettings, check_detector_settings, check_split_options,
-                                crop_folder, person_folders, split_people, write_split)
+                                crop_folder, person_folders, split_people, write_manifest, write_split)
     from facedeit.sources import default_data_dir
 
     settings = DetectorSettings(margin=args.margin, min_face_size=args.min_face_size, thresholds=tuple(args.thresholds))
@@ -87,7 +87,8 @@ def cmd_crop(args) -> int:
     check_split_options(args.min_images, args.val_fraction)
     data_dir = args.data if args.data is not None else default_data_dir()
     log.info("cropping faces in %s into %s", data_dir, args.out)
-    manifest = crop_folder(data_dir, args.out, settings, args.device)
+    # Crops are cached as they are made. manifest.csv is written only after the split succeeds.
+    manifest = crop_folder(data_dir, args.out, settings, args.device, write=False)
     counts = manifest["status"].value_counts()
     cached = int(manifest["cached"].sum())
     print(f"{len(manifest)} files: " + ", ".join(f"{s} {int(counts.get(s, 0))}" for s in ("cropped", "no_face", "unreadable"))
@@ -99,6 +100,7 @@ def cmd_crop(args) -> int:
         split, excluded = split_people(manifest, args.min_images, args.val_fraction, args.seed, people)
     except CropError as err:
         raise CropError(f"{data_dir}: {err}") from None
+    write_manifest(data_dir, args.out, settings, manifest)
     write_split(args.out, split, excluded, args.seed, args.val_fraction, args.min_images)
     if excluded:
         print(f"left out {len(excluded)} people with fewer than {args.min_images} crops: "

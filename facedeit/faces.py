@@ -185,8 +185,13 @@ class FaceCropper:
 
 
 def crop_folder(data_dir: Path, out_dir: Path, settings: DetectorSettings, device: str | None = None,
-                progress: bool = True) -> pd.DataFrame:
-    """Crop every photo under `data_dir`; write and return `<out_dir>/manifest.csv`."""
+                progress: bool = True, write: bool = True) -> pd.DataFrame:
+    """Crop every photo under `data_dir` and return the manifest.
+
+    With `write`, also write `<out_dir>/manifest.csv`. The crop command passes
+    False and writes it only after the split succeeds, so that manifest.csv
+    and split.csv always come from the same crop run.
+    """
     from tqdm import tqdm
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
@@ -199,9 +204,15 @@ def crop_folder(data_dir: Path, out_dir: Path, settings: DetectorSettings, devic
         fields = cropper.process(photo)
         rows.append({"path": str(photo.relative_to(data_dir)), "person": person, **fields})
     manifest = pd.DataFrame(rows, columns=["path", "person", "sha256", "status", "prob", "crop", "error", "cached"])
-    write_csv_atomic(out_dir / "manifest.csv", manifest)
-    write_json_atomic(out_dir / "crop_settings.json", {"data_dir": str(data_dir.resolve()), **asdict(settings)})
+    if write:
+        write_manifest(data_dir, out_dir, settings, manifest)
     return manifest
+
+
+def write_manifest(data_dir: Path, out_dir: Path, settings: DetectorSettings, manifest: pd.DataFrame) -> None:
+    """Write manifest.csv and the detector settings that made it."""
+    write_csv_atomic(Path(out_dir) / "manifest.csv", manifest)
+    write_json_atomic(Path(out_dir) / "crop_settings.json", {"data_dir": str(Path(data_dir).resolve()), **asdict(settings)})
 
 
 def check_split_options(min_images: int, val_fraction: float) -> None:
@@ -239,7 +250,7 @@ def split_people(manifest: pd.DataFrame, min_images: int = 2, val_fraction: floa
     included = [p for p in all_people if p not in excluded]
     if len(included) < 2:
         raise CropError(f"{len(included)} person folder(s) have at least {min_images} face crops; "
-                        "classification needs 2 or more, so add people or photos (split.csv was not updated)")
+                        "classification needs 2 or more, so add people or photos (manifest.csv and split.csv were not updated)")
 
     rows = []
     for label, person in enumerate(included):

@@ -190,6 +190,13 @@ def test_cli_crop_lists_left_out_people(tmp_path, capsys):
     split = pd.read_csv(out / "split.csv")
     assert sorted(split["person"].unique()) == sorted(PEOPLE[:3])
 
+    # A second crop whose split fails keeps the first manifest.csv and split.csv together.
+    before = {name: (out / name).read_bytes() for name in ("manifest.csv", "split.csv")}
+    assert main(["crop", "--data", str(root), "--out", str(out), "--min-images", "4"]) == 2
+    assert "manifest.csv and split.csv were not updated" in capsys.readouterr().err
+    for name, content in before.items():
+        assert (out / name).read_bytes() == content, name
+
 
 @pytest.mark.parametrize("option, message", [
     (["--min-face-size", "0"], "--min-face-size must be at least 1 pixel"),
