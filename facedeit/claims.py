@@ -40,7 +40,7 @@ class Criteria:
             f"{2 * self.start_steps} updates is **too short** to judge",
             f"a claim that runs fail (or work) **holds** when every run does, over at least {self.min_seeds} "
             "seeds per recipe (the lr sweep: over every point), **does not hold** when one run has the opposite "
-            "outcome, and is **inconclusive** otherwise; a claim made of two holds when both hold",
+            "outcome, and is **inconclusive** otherwise",
         ]
 
 
@@ -50,19 +50,23 @@ def run_outcome(info: dict, steps: pd.DataFrame, epochs: pd.DataFrame, criteria:
            "epochs_done": info.get("epochs_done", 0),
            "images_seen": int(steps["images"].sum()) if "images" in steps else None,
            "majority_top1": info["data"]["majority_top1"]}
+    unmeasured = dict(start_loss=None, end_loss=None, loss_drop=None, loss_drop_uniform=None, val_top1=None,
+                      top1_margin=None)
     if info["status"] == "diverged" or steps.empty or epochs.empty:
-        row.update(start_loss=None, end_loss=None, loss_drop=None, val_top1=None, top1_margin=None,
-                   outcome=FAILS if info["status"] == "diverged" else NEITHER)
+        row.update(unmeasured, outcome=FAILS if info["status"] == "diverged" else NEITHER)
         return row
     if len(steps) < 2 * criteria.start_steps:
-        # The start window and the last epoch would overlap, so the loss drop means nothing.
-        row.update(start_loss=None, end_loss=None, loss_drop=None, val_top1=None, top1_margin=None,
-                   outcome=TOO_SHORT)
+        # The start window would be a large part of the run, so the loss drop would mean little.
+        row.update(unmeasured, outcome=TOO_SHORT)
         return row
     start_loss = steps["loss"].head(criteria.start_steps).mean()
     last_epoch = epochs["epoch"].max()
     end_loss = steps.loc[steps["epoch"] == last_epoch, "loss"].mean()
     loss_drop = 1.0 - end_loss / start_loss
+    # Not a criterion: the drop from ln(people), the loss of a uniform guess whatever the targets,
+    # is not inflated by an early loss spike inside the start window.
+    num_classes = info["data"].get("num_classes")
+    row["loss_drop_uniform"] = 1.0 - end_loss / math.log(num_classes) if num_classes else None
     last = epochs.loc[epochs["epoch"] == last_epoch].iloc[0]
     val_top1 = float(last["val_top1"])
     margin = val_top1 - row["majority_top1"]
@@ -158,7 +162,8 @@ def record_criteria(criteria_file: str | Path, results_dir: str | Path) -> dict:
 HOLDS, DOES_NOT_HOLD, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
 OPPOSITE = {FAILS: WORKS, WORKS: FAILS}
 OUTCOME_COLUMNS = ("group", "label", "run", "seed", "lr", "warmup_epochs", "status", "epochs_done", "images_seen",
-                   "majority_top1", "start_loss", "end_loss", "loss_drop", "val_top1", "top1_margin", "val_balanced_acc", "outcome")
+                   "majority_top1", "start_loss", "end_loss", "loss_drop", "loss_drop_uniform", "val_top1", "top1_margin",
+                   "val_balanced_acc", "outcome")
 
 
 def expect_verdict(expect: str, outcomes: list[str], seeds: int, criteria: Criteria, need_seeds: bool = True,
@@ -280,6 +285,8 @@ def claim_summary(plan, outcomes: pd.DataFrame, criteria: Criteria) -> pd.DataFr
         rows.append({
             "claim": claim.name, "text": claim.text, "expect": claim.expect,
             "runs": len(judged), "planned": len(frame), "seeds": seeds,
+            # A diverged run counts as failed but has no val top-1, so the top-1 statistics leave it out.
+            "top1_runs": int(pd.to_numeric(judged["val_top1"]).notna().sum()) if not judged.empty else 0,
             "outcomes": ", ".join(f"{o} {int(counts[o])}" for o in counts.index) or "none",
             **_stats(judged["val_top1"] if not judged.empty else pd.Series(dtype=float), "val_top1"),
             **_stats(judged["loss_drop"] if not judged.empty else pd.Series(dtype=float), "loss_drop"),
@@ -302,23 +309,37 @@ def sweep_table(outcomes: pd.DataFrame) -> pd.DataFrame:
     if frame.empty:
         return pd.DataFrame()
     columns = [c for c in ("warmup_epochs", "lr", "seed", "status", "outcome", "val_top1", "top1_margin",
-                           "loss_drop", "end_loss") if c in frame]
+                           "start_loss", "end_loss", "loss_drop", "loss_drop_uniform") if c in frame]
     return frame[columns].sort_values(["warmup_epochs", "lr", "seed"]).reset_index(drop=True)
 
 
+def _top1_by_seed(group: pd.DataFrame) -> pd.Series:
+    judged = _judged(group)
+    if judged.empty:
+        return pd.Series(dtype=float)
+    return pd.to_numeric(judged.set_index("seed")["val_top1"]).dropna()
+
+
 def ablation_table(outcomes: pd.DataFrame) -> pd.DataFrame:
-    """Tabulate val top-1 over seeds per removed ingredient, and its difference from the full recipe's mean."""
+    """Tabulate val top-1 over seeds per removed ingredient, and its difference from the full recipe.
+
+    `vs_full` is the mean over the seeds that both the row and the full
+    recipe have (`paired_seeds`), so rows with fewer seeds are not compared
+    with the full recipe's other seeds.
+    """
     frame = outcomes[outcomes["group"] == "ablation"] if not outcomes.empty else outcomes
     if frame.empty:
         return pd.DataFrame()
+    full = _top1_by_seed(frame[frame["label"] == "full"])
     rows = []
     for label, group in frame.groupby("label", sort=False):
         judged = _judged(group)
+        top1 = _top1_by_seed(group)
+        paired = top1.index.intersection(full.index)
         rows.append({"removed": "none (full recipe)" if label == "full" else label,
                      "runs": len(judged), "planned": len(group),
                      **_stats(judged["val_top1"] if "val_top1" in judged else pd.Series(dtype=float), "val_top1"),
-                     "outcomes": ", ".join(sorted(judged["outcome"])) if not judged.empty else "none"})
-    table = pd.DataFrame(rows)
-    full = table.loc[table["removed"] == "none (full recipe)", "val_top1_mean"]
-    table["vs_full"] = table["val_top1_mean"] - (full.iloc[0] if len(full) else float("nan"))
-    return table
+                     "outcomes": ", ".join(sorted(judged["outcome"])) if not judged.empty else "none",
+                     "paired_seeds": len(paired),
+                     "vs_full": (top1[paired] - full[paired]).mean() if len(paired) else None})
+    return pd.DataFrame(rows)

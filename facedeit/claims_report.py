@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 
 from facedeit.claim_plan import Plan
-from facedeit.claims import (DOES_NOT_HOLD, HOLDS, INCONCLUSIVE, Criteria, ablation_table, claim_summary,
+from facedeit.claims import (DOES_NOT_HOLD, FAILS, HOLDS, INCONCLUSIVE, WORKS, Criteria, ablation_table, claim_summary,
                              plan_outcomes, sweep_table)
 from facedeit.runs import file_sha256
 
@@ -102,17 +102,20 @@ def plot_claims(plan: Plan, runs: list[dict], tables: dict, plots_dir: Path) -> 
         written.append(_save(fig, plots_dir / "claims_sweep.png").name)
 
     ablation = outcomes[(outcomes["group"] == "ablation") & outcomes["val_top1"].notna()]
-    full = ablation.loc[ablation["label"] == "full", "val_top1"]
+    full = ablation[ablation["label"] == "full"].set_index("seed")["val_top1"].astype(float)
     if not ablation.empty and len(full):
-        # Bars start at 0 = the full recipe's mean, so differences of a point or two stay visible.
+        # Each dot is a run minus the full recipe's run at the same seed, as `vs_full` in the table,
+        # and bars start at 0, so differences of a point or two stay visible.
         order = [label for label in dict.fromkeys(outcomes.loc[outcomes["group"] == "ablation", "label"]) if label != "full"]
-        rows = ablation[ablation["label"] != "full"].assign(vs_full=lambda f: f["val_top1"] - full.mean())
+        rows = ablation[(ablation["label"] != "full") & ablation["seed"].isin(full.index)]
+        rows = rows.assign(vs_full=rows["val_top1"].astype(float) - rows["seed"].map(full))
         fig, ax = plt.subplots(figsize=(8, 5))
         sns.barplot(data=rows, y="label", x="vs_full", order=order, errorbar=("pi", 100), ax=ax, color="tab:blue", alpha=0.6)
         # No jitter, so that the plot is the same each time the report is drawn.
         sns.stripplot(data=rows, y="label", x="vs_full", order=order, ax=ax, color="black", size=4, jitter=False)
         ax.axvline(0, color="black", linewidth=0.8)
-        ax.set(xlabel=f"val top-1 minus the full recipe's mean ({full.mean():.2f}%, {len(full)} seed(s)), points",
+        ax.set(xlabel=f"val top-1 minus the full recipe's at the same seed (full: mean {full.mean():.2f}%, "
+                      f"{len(full)} seed(s)), points",
                ylabel="ingredient removed", title="DeiT-B column on DeiT-Ti-LS, one ingredient removed\n"
                "bar = mean, line = range, dots = seeds, empty row = no run yet")
         # At least one point either side, so that a row of zeros does not fill the axis with rounding noise.
@@ -122,8 +125,12 @@ def plot_claims(plan: Plan, runs: list[dict], tables: dict, plots_dir: Path) -> 
     return written
 
 
-def _prior_drop_text(runs: list[dict]) -> str:
-    """Say how far the loss falls by learning the label frequencies alone, from the runs' split.csv if it is there."""
+def _prior_drop_text(runs: list[dict], judged: pd.DataFrame) -> str:
+    """Say how far the loss falls by learning the label frequencies alone, from the runs' split.csv if it is there.
+
+    The drop is given from ln(people) and from the judged runs' start losses,
+    the scale of the criteria.
+    """
     import math
 
     for run in runs:
@@ -134,8 +141,15 @@ def _prior_drop_text(runs: list[dict]) -> str:
             shares = split.loc[split["split"] == "train", "person"].value_counts(normalize=True)
             entropy = float(-(shares * shares.map(math.log)).sum())
             drop = 1 - entropy / math.log(len(shares))
-            return (f": on this train split, {entropy:.2f} against ln {len(shares)} = {math.log(len(shares)):.2f}, "
+            text = (f": on this train split, {entropy:.2f} against ln {len(shares)} = {math.log(len(shares)):.2f}, "
                     f"a drop of {drop:.0%} with nothing learnt about faces")
+            starts = pd.to_numeric(judged["start_loss"]).dropna() if not judged.empty else pd.Series(dtype=float)
+            if len(starts):
+                text += (f". Measured from a run's start loss, as the criteria do, the same drop is "
+                         f"{1 - entropy / starts.median():.0%} at the median start loss ({starts.median():.2f}) and "
+                         f"{1 - entropy / starts.min():.0%} to {1 - entropy / starts.max():.0%} over the judged runs' "
+                         f"start losses ({starts.min():.2f} to {starts.max():.2f})")
+            return text
     return ""
 
 
@@ -188,7 +202,8 @@ def render_claims(plan: Plan, runs: list[dict], tables: dict, criteria: Criteria
     sweep_claim = next(c.name for c in plan.claims if c.group == "sweep")
     summary = tables["claims_summary"]
     lines += _sweep_lines(tables["claims_sweep"], summary.loc[summary["claim"] == sweep_claim, "verdict"].iloc[0], plots)
-    lines += _paper_lines(plan, tables["claims_summary"], tables["claims_ablation"], tables["claims_sweep"])
+    lines += _paper_lines(plan, outcomes, tables["claims_summary"], tables["claims_ablation"], tables["claims_sweep"],
+                          epochs)
     lines += _ablation_lines(tables["claims_ablation"], plots)
     missing = outcomes[outcomes["outcome"].isna()].drop_duplicates("run")
     if not missing.empty:
@@ -208,18 +223,24 @@ def _intro_lines(plan, runs, outcomes, judged, criteria, criteria_file, results_
     if not judged.empty:
         compute = (f"{int(judged['epochs_done'].max())} epoch(s) each, {int(images.min())} to {int(images.max())} "
                    f"train images seen per run, {hours:.2f} h of training on {', '.join(devices)}.")
+    splits = {by_name[name]["info"]["data"]["split_sha256"] for name in judged["run"]}
+    same_split = ("every judged run uses the same split.csv" if len(splits) <= 1 else
+                  f"**the judged runs use {len(splits)} different split.csv files**, so their numbers are not comparable")
     return [
         "## Claims: does SGD fail where AdamW works?",
         "",
-        f"Trained by `facedeit claims` from `{plan.path}` at profile `{plan.profile}`; every run uses the same crops "
-        "and split. Criteria, from the criteria file:",
+        f"Trained by `facedeit claims` from `{plan.path}` at profile `{plan.profile}`; {same_split}. "
+        "Criteria, from the criteria file:",
         "",
         *[f"- {line}" for line in criteria.describe()],
+        "",
+        "From the plan, not the criteria file: a claim made of two others holds when both hold, and does not hold "
+        "when either does not.",
         "",
         _criteria_status(criteria_file, results_dir / "claims" / "criteria.lock.json", runs, set(outcomes["run"])),
         "",
         "A model that learns only how often each person occurs lowers the loss from ln(people) to the entropy of "
-        "the label distribution" + _prior_drop_text(runs) + ". The balanced accuracy (mean of per-person recall, "
+        "the label distribution" + _prior_drop_text(runs, judged) + ". The balanced accuracy (mean of per-person recall, "
         "100/people when a run always predicts one person) shows whether a run did more than that. Train losses "
         "are not comparable across recipes with mixup, cutmix or label smoothing, which change the targets.",
         "",
@@ -237,11 +258,14 @@ def _summary_lines(plan: Plan, summary: pd.DataFrame, epochs: int) -> list[str]:
         table["loss drop mean (%)"] = 100 * table["loss_drop_mean"]
         table["balanced acc mean (%)"] = table["val_balanced_acc_mean"]
         table["images/run"] = table["images_seen_per_run"]
-        for column in ("runs", "planned", "seeds", "images/run"):
+        table["top-1 runs"] = table["top1_runs"]
+        for column in ("runs", "planned", "seeds", "images/run", "top-1 runs"):
             table[column] = table[column].round().astype("Int64")
         lines += [_markdown(table[["claim", "expect", "runs", "planned", "seeds", "epochs", "images/run", "outcomes",
-                                   "val top-1 mean ± sd [min, max]", "balanced acc mean (%)", "loss drop mean (%)",
-                                   "verdict"]], ".1f"), ""]
+                                   "top-1 runs", "val top-1 mean ± sd [min, max]", "balanced acc mean (%)",
+                                   "loss drop mean (%)", "verdict"]], ".1f"),
+                  "The val top-1 columns cover the `top-1 runs`: a diverged run counts as failed but has no val "
+                  "top-1. For the lr sweep they spread over its points (one seed each), not over seeds.", ""]
     for row in summary.itertuples():
         lines.append(f"- **{row.text}: {row.verdict}** at profile `{plan.profile}` ({epochs} epochs)."
                      + (f" ({row.outcomes}; the sweep and the ResNet18 control have their own verdicts.)"
@@ -261,22 +285,31 @@ def _sweep_lines(sweep: pd.DataFrame, verdict: str, plots: list[str]) -> list[st
     best = judged.sort_values(["val_top1", "loss_drop"], ascending=False).head(1)
     if not best.empty:
         b = best.iloc[0]
-        lines += [f"Best SGD point: lr {b['lr']:g}, warmup {b['warmup_epochs']:g} epoch(s) (of the recipe's 25, "
-                  f"scaled with the profile): val top-1 {b['val_top1']:.2f}% ({b['top1_margin']:+.2f} points "
-                  f"over the majority class), outcome **{b['outcome']}**. "
-                  f"Points judged: {int(sweep['outcome'].notna().sum())} of {len(sweep)}.", ""]
+        text = (f"Best SGD point: lr {b['lr']:g}, warmup {b['warmup_epochs']:g} epoch(s) (of the recipe's 25, "
+                f"scaled with the profile): val top-1 {b['val_top1']:.2f}% ({b['top1_margin']:+.2f} points "
+                f"over the majority class), outcome **{b['outcome']}**. "
+                f"Points judged: {int(sweep['outcome'].notna().sum())} of {len(sweep)}.")
+        lrs = pd.to_numeric(sweep["lr"])
+        if b["lr"] in (lrs.min(), lrs.max()):
+            text += (f" It is at the {'top' if b['lr'] == lrs.max() else 'bottom'} of the lr grid, so an lr "
+                     f"{'above' if b['lr'] == lrs.max() else 'below'} it could do better.")
+        drop_uniform = b.get("loss_drop_uniform")
+        if drop_uniform is not None and not pd.isna(drop_uniform) and b["loss_drop"] - drop_uniform > 0.05:
+            text += (f" Its start loss ({b['start_loss']:.2f}) includes an early loss spike, so its loss drop "
+                     f"({b['loss_drop']:.0%}) is larger than the drop from ln(people) ({drop_uniform:.0%}).")
+        lines += [text, ""]
     lines += [SWEEP_READING.get(verdict, ""), ""]
     return lines
 
 
 def _ablation_lines(ablation: pd.DataFrame, plots: list[str]) -> list[str]:
     lines = ["### Ablation in the style of Table 8", "",
-             "The DeiT-B column on DeiT-Ti-LS with one ingredient removed at a time. `vs_full` is the difference "
-             "of means from the full recipe, in points; compare it with the spread over seeds before reading "
-             "anything into it.", ""]
-    full = ablation.loc[ablation["removed"] == "none (full recipe)", "outcomes"] if not ablation.empty else ablation
-    if len(full) and "works" not in str(full.iloc[0]):
-        lines += ["The full recipe does not learn at this budget (outcomes: " + str(full.iloc[0]) + "), so removing an "
+             "The DeiT-B column on DeiT-Ti-LS with one ingredient removed at a time. `vs_full` is the mean "
+             "difference from the full recipe at the same seed, over `paired_seeds` seeds, in points; compare it "
+             "with the spread over seeds before reading anything into it.", ""]
+    full = ablation[ablation["removed"] == "none (full recipe)"] if not ablation.empty else ablation
+    if len(full) and full["runs"].iloc[0] > 0 and "works" not in str(full["outcomes"].iloc[0]):
+        lines += ["The full recipe does not learn at this budget (outcomes: " + str(full["outcomes"].iloc[0]) + "), so removing an "
                   "ingredient cannot show what that ingredient adds. The rows can only show whether a recipe without it "
                   "starts to learn sooner.", ""]
     if "claims_ablation.png" in plots:
@@ -285,32 +318,49 @@ def _ablation_lines(ablation: pd.DataFrame, plots: list[str]) -> list[str]:
     return lines
 
 
-def _paper_lines(plan: Plan, summary: pd.DataFrame, ablation: pd.DataFrame, sweep: pd.DataFrame) -> list[str]:
+def _paper_lines(plan: Plan, outcomes: pd.DataFrame, summary: pd.DataFrame, ablation: pd.DataFrame,
+                 sweep: pd.DataFrame, epochs: int) -> list[str]:
     paper = plan.paper
     gap = paper["sgd_top1"] - paper["adamw_top1"]
     lines = ["### The paper's context", "",
              f"{paper['source']} gives DeiT-B on ImageNet-1k (300 epochs) {paper['adamw_top1']:g}% top-1 with AdamW "
              f"and {paper['sgd_top1']:g}% with SGD: SGD is {abs(gap):.1f} points lower but trains. The paper does "
              "not say that SGD fails.", ""]
-    means = ablation.set_index("removed")["val_top1_mean"] if not ablation.empty else pd.Series(dtype=float)
-    full, sgd = means.get("none (full recipe)"), means.get("adamw")
-    if full is not None and sgd is not None and not pd.isna(full) and not pd.isna(sgd):
-        lines.append(f"On the faces at profile `{plan.profile}`, the same recipe on DeiT-Ti-LS gives "
-                     f"{full:.2f}% with AdamW and {sgd:.2f}% with SGD ({sgd - full:+.2f} points; paper {gap:+.1f}).")
+    rows = ablation.set_index("removed") if not ablation.empty else pd.DataFrame()
+    if {"none (full recipe)", "adamw"} <= set(rows.index) and (rows.loc[["none (full recipe)", "adamw"], "runs"] > 0).all():
+        full, sgd = rows.loc["none (full recipe)"], rows.loc["adamw"]
+        setting = (f"On the faces (DeiT-Ti-LS, {epochs} epochs at profile `{plan.profile}`), the same recipe gives "
+                   f"{full['val_top1_mean']:.2f}% with AdamW ({int(full['runs'])} run(s)) and {sgd['val_top1_mean']:.2f}% "
+                   f"with SGD ({int(sgd['runs'])} run(s))")
+        if set(str(full["outcomes"]).split(", ")) == {FAILS} and set(str(sgd["outcomes"]).split(", ")) == {FAILS}:
+            lines.append(setting + ". Every one of these runs fails, at the majority-class rate, so there is no gap "
+                         "to set beside the paper's.")
+        else:
+            lines.append(setting + f": SGD minus AdamW at the same seed is {sgd['vs_full']:+.2f} points over "
+                         f"{int(sgd['paired_seeds'])} seed(s) (paper {gap:+.1f}).")
     adamw = _claim_mean(summary, "team_adamw_works")
     sgd_team = _claim_mean(summary, "team_sgd_fails")
     if adamw is not None and sgd_team is not None:
         lines.append(f"The team's recipes give {adamw:.2f}% (AdamW) and {sgd_team:.2f}% (SGD), means over seeds.")
     best = pd.to_numeric(sweep["val_top1"]).max() if not sweep.empty else None
-    if adamw is not None and best is not None and not pd.isna(best):
+    if best is not None and not pd.isna(best):
         lines.append(f"The best point of the SGD sweep (one seed) reaches {best:.2f}%.")
-    works = summary.loc[summary["claim"].isin(["team_adamw_works", "deit_b_works"]), "verdict"]
-    if len(works) and not (works == HOLDS).any():
-        lines.append("Neither AdamW recipe is shown to work at this budget, so where the team's claim does not hold "
-                     "here it is because AdamW does not learn either, not because SGD does. Whether SGD falls behind "
-                     "AdamW on faces at the team's 25 epochs, or the paper's 300, this budget cannot tell.")
+    if _adamw_never_works(outcomes, summary):
+        lines.append("No AdamW run works at this budget while the team's SGD runs fail, so where the team's claim "
+                     "does not hold here it is because AdamW does not learn either, not because SGD does. Whether "
+                     "SGD falls behind AdamW on faces at the team's 25 epochs, or the paper's 300, this budget "
+                     "cannot tell.")
     lines.append("")
     return lines
+
+
+def _adamw_never_works(outcomes: pd.DataFrame, summary: pd.DataFrame) -> bool:
+    """Return True when every planned AdamW claim run is judged and none works, and "team SGD fails" holds."""
+    verdicts = summary.set_index("claim")["verdict"] if not summary.empty else pd.Series(dtype=object)
+    if verdicts.get("team_sgd_fails") != HOLDS:
+        return False
+    adamw = outcomes[(outcomes["group"] == "claims") & outcomes["label"].isin(["team_adamw_works", "deit_b_works"])]
+    return bool(not adamw.empty and adamw["outcome"].notna().all() and not (adamw["outcome"] == WORKS).any())
 
 
 def _markdown(frame: pd.DataFrame, floatfmt: str) -> str:

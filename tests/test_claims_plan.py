@@ -170,6 +170,9 @@ def test_report_from_hand_made_runs(tmp_path, plan_file, monkeypatch):
     write_run(results, runs[("sgd_fails", 2, "claims")], "quick", "diverged", (4.0, 4.0), MAJORITY)
     # AdamW: a single seed that works.
     write_run(results, runs[("adamw_works", 0, "claims")], "quick", "finished", (4.0, 2.0), MAJORITY + 30)
+    # A finished AdamW run whose epochs.csv is lost is judged "neither".
+    write_run(results, runs[("adamw_works", 1, "claims")], "quick", "finished", (4.0, 2.0), MAJORITY + 30)
+    (results / "runs" / runs[("adamw_works", 1, "claims")].run_name("quick") / "epochs.csv").unlink()
     # Sweep: lr 0.1 works, so "SGD fails at every lr" does not hold.
     write_run(results, runs[("sweep_lr0.01_warmup0", 0, "sweep")], "quick", "finished", (4.0, 3.9), MAJORITY)
     write_run(results, runs[("sweep_lr0.1_warmup0", 0, "sweep")], "quick", "finished", (4.0, 2.5), MAJORITY + 15)
@@ -185,16 +188,22 @@ def test_report_from_hand_made_runs(tmp_path, plan_file, monkeypatch):
     assert summary.loc["claim", "verdict"] == "inconclusive"
     assert summary.loc["sgd_every_lr", "verdict"] == "does not hold"
     assert summary.loc["sgd_fails", "val_top1_mean"] == pytest.approx(MAJORITY + 1 / 2)  # diverged has no top-1
+    assert summary.loc["sgd_fails", "top1_runs"] == 2
+    assert summary.loc["adamw_works", "outcomes"] == "works 1, neither 1"
     outcomes = pd.read_csv(results / "tables" / "claims_runs.csv").set_index("run")
     assert outcomes.loc["seed_sgd-quick-seed2", "outcome"] == "fails"
-    assert outcomes.loc["seed_adamw-quick-seed1", "status"] == "missing"
+    assert outcomes.loc["seed_adamw-quick-seed1", "outcome"] == "neither"
+    assert outcomes.loc["seed_adamw-quick-seed2", "status"] == "missing"
     ablation = pd.read_csv(results / "tables" / "claims_ablation.csv").set_index("removed")
     assert ablation.loc["mixup", "vs_full"] == pytest.approx(-8.0)
+    assert ablation.loc["mixup", "paired_seeds"] == 1
     assert ablation.loc["adamw", "runs"] == 0
     report = (results / "REPORT.md").read_text()
     assert "**SGD does not learn: holds** at profile `quick`" in report
     assert "81.8% top-1 with AdamW" in report
     assert "has not been recorded" in report
+    assert "It is at the top of the lr grid" in report
+    assert "No AdamW run works" not in report
     for plot in ("claims_curves.png", "claims_sweep.png", "claims_ablation.png"):
         assert (results / "plots" / plot).stat().st_size > 0
 
