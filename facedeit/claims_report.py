@@ -114,8 +114,8 @@ def plot_claims(plan: Plan, runs: list[dict], tables: dict, plots_dir: Path) -> 
         # No jitter, so that the plot is the same each time the report is drawn.
         sns.stripplot(data=rows, y="label", x="vs_full", order=order, ax=ax, color="black", size=4, jitter=False)
         ax.axvline(0, color="black", linewidth=0.8)
-        ax.set(xlabel=f"val top-1 minus the full recipe's at the same seed (full: mean {full.mean():.2f}%, "
-                      f"{len(full)} seed(s)), points",
+        ax.set(xlabel=f"val top-1 minus the full recipe's at the same seed, points\n"
+                      f"(full recipe: mean {full.mean():.2f}%, {len(full)} seed(s))",
                ylabel="ingredient removed", title="DeiT-B column on DeiT-Ti-LS, one ingredient removed\n"
                "bar = mean, line = range, dots = seeds, empty row = no run yet")
         # At least one point either side, so that a row of zeros does not fill the axis with rounding noise.
