@@ -333,8 +333,8 @@ def _paper_lines(plan: Plan, outcomes: pd.DataFrame, summary: pd.DataFrame, abla
                    f"{full['val_top1_mean']:.2f}% with AdamW ({int(full['runs'])} run(s)) and {sgd['val_top1_mean']:.2f}% "
                    f"with SGD ({int(sgd['runs'])} run(s))")
         if set(str(full["outcomes"]).split(", ")) == {FAILS} and set(str(sgd["outcomes"]).split(", ")) == {FAILS}:
-            lines.append(setting + ". Every one of these runs fails, at the majority-class rate, so there is no gap "
-                         "to set beside the paper's.")
+            lines.append(setting + ". Every one of these runs fails by the criteria, so there is no gap to set "
+                         "beside the paper's.")
         else:
             lines.append(setting + f": SGD minus AdamW at the same seed is {sgd['vs_full']:+.2f} points over "
                          f"{int(sgd['paired_seeds'])} seed(s) (paper {gap:+.1f}).")

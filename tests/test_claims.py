@@ -7,7 +7,7 @@ import pytest
 
 from facedeit.claims import (DOES_NOT_HOLD, FAILS, HOLDS, INCONCLUSIVE, NEITHER, TOO_SHORT, WORKS, Criteria,
                              ablation_table, both_verdict, claim_summary, expect_verdict, run_outcome)
-from facedeit.claims_report import _adamw_never_works
+from facedeit.claims_report import _adamw_never_works, _paper_lines
 
 
 def _run(status="finished", majority=20.0):
@@ -115,7 +115,8 @@ class _Claim:
 
 class _Plan:
     def __init__(self, claims):
-        self.claims, self.both = claims, []
+        self.claims, self.both, self.profile = claims, [], "quick"
+        self.paper = {"source": "Table 8", "adamw_top1": 81.8, "sgd_top1": 74.5}
 
 
 def test_sweep_summary_missing_point_inconclusive():
@@ -147,3 +148,15 @@ def test_adamw_never_works(sgd_verdict, adamw, expected):
                           ("claims", "deit_b_works", 0, adamw[1], 18.0)])
     summary = pd.DataFrame({"claim": ["team_sgd_fails"], "verdict": [sgd_verdict]})
     assert _adamw_never_works(outcomes, summary) is expected
+
+
+@pytest.mark.parametrize("full_outcome, expected", [
+    (FAILS, "Every one of these runs fails by the criteria, so there is no gap"),
+    (WORKS, "SGD minus AdamW at the same seed is -10.00 points over 1 seed(s) (paper -7.3)"),
+])
+def test_paper_lines_gap_only_when_measurable(full_outcome, expected):
+    full_top1 = 30.0 if full_outcome == WORKS else 20.0
+    outcomes = _outcomes([("ablation", "full", 0, full_outcome, full_top1), ("ablation", "adamw", 0, FAILS, 20.0)])
+    summary = pd.DataFrame({"claim": ["team_sgd_fails"], "verdict": [HOLDS], "val_top1_mean": [20.0]})
+    lines = _paper_lines(_Plan([]), outcomes, summary, ablation_table(outcomes), pd.DataFrame(), 3)
+    assert any(expected in line for line in lines)
