@@ -19,6 +19,8 @@ RECIPES ?= recipes/seed_adamw.yaml recipes/seed_sgd.yaml \
 	recipes/vit_b_paper_tiny.yaml recipes/deit_b_paper_tiny.yaml
 
 .PHONY: install check-recipes crop train claims report reproduce test bench clean-runs
+# The stages run one after the other even under `make -j`: each reads what the one before wrote.
+.NOTPARALLEL:
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +32,7 @@ install: $(VENV)/.installed
 # Recipes and the profile are checked before the crop stage, so a typo stops
 # `make train` in seconds instead of after MTCNN has run.
 check-recipes: install
-	$(PY) -m facedeit recipe check $(RECIPES) --profile $(PROFILE)
+	$(PY) -m facedeit recipe check $(RECIPES) --profile $(PROFILE) --world-size $(NPROC) --accum-steps $(ACCUM)
 
 crop: install
 	$(PY) -m facedeit crop $(if $(DATA),--data "$(DATA)") --out $(CROPS)

@@ -192,27 +192,27 @@ def both_verdict(verdicts: list[str]) -> str:
 
 
 def planned_status(plan, results_dir: Path) -> dict[str, str]:
-    """Map each planned run name to its folder's status, or to `changed` or `missing`.
+    """Map each planned run name to its folder's status, or to `missing`, `changed` or `damaged (...)`.
 
-    `changed` means the folder was trained with recipe values other than the plan's.
+    `changed` means the folder was trained with recipe values other than the
+    plan's, and `damaged` that a finished run lacks rows of its CSV files.
     """
     from facedeit.recipes import resolve
-    from facedeit.runs import same_recipe_values
+    from facedeit.runs import csv_rows, damaged_files, read_run_info, same_recipe_values
 
     statuses = {}
     for planned in plan.runs:
         name = planned.run_name(plan.profile)
-        info_file = Path(results_dir) / "runs" / name / "run.json"
-        if not info_file.is_file():
+        run_dir = Path(results_dir) / "runs" / name
+        if not (run_dir / "run.json").is_file():
             statuses[name] = "missing"
             continue
-        try:
-            info = json.loads(info_file.read_text())
-        except json.JSONDecodeError:
-            statuses[name] = "unreadable run.json"
+        info = read_run_info(run_dir / "run.json")
+        if not same_recipe_values(info["resolved"]["recipe"], resolve(planned.recipe, plan.profile).to_dict()["recipe"]):
+            statuses[name] = "changed"
             continue
-        same = same_recipe_values(info["resolved"]["recipe"], resolve(planned.recipe, plan.profile).to_dict()["recipe"])
-        statuses[name] = info["status"] if same else "changed"
+        damage = damaged_files(info, csv_rows(run_dir / "steps.csv"), csv_rows(run_dir / "epochs.csv"))
+        statuses[name] = f"damaged ({damage})" if damage else info["status"]
     return statuses
 
 
@@ -240,6 +240,9 @@ def plan_outcomes(plan, runs: list[dict], criteria: Criteria) -> pd.DataFrame:
             continue
         if run["info"]["status"] in ("running", "stopped", "failed"):
             rows.append({**base, "status": run["info"]["status"], "outcome": None})
+            continue
+        if run.get("damaged"):
+            rows.append({**base, "status": f"damaged ({run['damaged']})", "outcome": None})
             continue
         measured = run_outcome(run["info"], run["steps"], run["epochs"], criteria)
         measured.pop("run"), measured.pop("recipe")
@@ -339,7 +342,8 @@ def ablation_table(outcomes: pd.DataFrame) -> pd.DataFrame:
         rows.append({"removed": "none (full recipe)" if label == "full" else label,
                      "runs": len(judged), "planned": len(group),
                      **_stats(judged["val_top1"] if "val_top1" in judged else pd.Series(dtype=float), "val_top1"),
-                     "outcomes": ", ".join(sorted(judged["outcome"])) if not judged.empty else "none",
+                     # In seed order, so that each outcome can be matched to its run.
+                     "outcomes": ", ".join(judged.sort_values("seed")["outcome"]) if not judged.empty else "none",
                      "paired_seeds": len(paired),
                      "vs_full": (top1[paired] - full[paired]).mean() if len(paired) else None})
     return pd.DataFrame(rows)

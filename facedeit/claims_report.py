@@ -176,11 +176,11 @@ def _criteria_status(criteria_file: Path, lock_file: Path, runs: list[dict], pla
     lock = json.loads(lock_file.read_text())
     earlier = sorted(r["info"]["run"] for r in runs
                      if r["info"]["run"] in plan_runs and r["info"].get("started", "") < lock["recorded"])
-    text = (f"`{criteria_file}` (sha256 `{lock['sha256'][:12]}`) was recorded at {lock['recorded']}, "
+    text = (f"`{lock.get('file', criteria_file)}` (sha256 `{lock['sha256'][:12]}`) was recorded at {lock['recorded']}, "
             "when `facedeit claims` first ran.")
     if lock["sha256"] != current:
-        text += (f" **The file has changed since (now `{current[:12]}`): the verdicts below use the new values, "
-                 "which were written after runs had been seen.**")
+        text += (f" **The criteria used here (`{criteria_file}`, sha256 `{current[:12]}`) differ from it: the "
+                 "verdicts below use values written after runs had been seen.**")
     else:
         text += " It has not changed since."
     if earlier:
@@ -210,7 +210,7 @@ def render_claims(plan: Plan, runs: list[dict], tables: dict, criteria: Criteria
         counts = ", ".join(f"{n} {group}" for group, n in missing["group"].value_counts(sort=False).items())
         lines += [f"{len(missing)} planned run(s) have no result yet ({counts}); `tables/claims_runs.csv` lists "
                   "them with their status. `make claims` trains the missing ones and continues stopped ones; a "
-                  "`changed` folder must be removed first.", ""]
+                  "`changed` folder must be removed first, and a `damaged` one restored or removed.", ""]
     return "\n".join(lines)
 
 
@@ -327,7 +327,7 @@ def _paper_lines(plan: Plan, outcomes: pd.DataFrame, summary: pd.DataFrame, abla
              f"and {paper['sgd_top1']:g}% with SGD: SGD is {abs(gap):.1f} points lower but trains. The paper does "
              "not say that SGD fails.", ""]
     rows = ablation.set_index("removed") if not ablation.empty else pd.DataFrame()
-    if {"none (full recipe)", "adamw"} <= set(rows.index) and (rows.loc[["none (full recipe)", "adamw"], "runs"] > 0).all():
+    if {"none (full recipe)", "adamw"} <= set(rows.index) and rows.loc[["none (full recipe)", "adamw"], "val_top1_mean"].notna().all():
         full, sgd = rows.loc["none (full recipe)"], rows.loc["adamw"]
         setting = (f"On the faces (DeiT-Ti-LS, {epochs} epochs at profile `{plan.profile}`), the same recipe gives "
                    f"{full['val_top1_mean']:.2f}% with AdamW ({int(full['runs'])} run(s)) and {sgd['val_top1_mean']:.2f}% "
@@ -346,7 +346,7 @@ def _paper_lines(plan: Plan, outcomes: pd.DataFrame, summary: pd.DataFrame, abla
     if best is not None and not pd.isna(best):
         lines.append(f"The best point of the SGD sweep (one seed) reaches {best:.2f}%.")
     if _adamw_never_works(outcomes, summary):
-        lines.append("No AdamW run works at this budget while the team's SGD runs fail, so where the team's claim "
+        lines.append("No DeiT-Ti-LS AdamW run works at this budget while the team's SGD runs fail, so where the team's claim "
                      "does not hold here it is because AdamW does not learn either, not because SGD does. Whether "
                      "SGD falls behind AdamW on faces at the team's 25 epochs, or the paper's 300, this budget "
                      "cannot tell.")
@@ -355,7 +355,7 @@ def _paper_lines(plan: Plan, outcomes: pd.DataFrame, summary: pd.DataFrame, abla
 
 
 def _adamw_never_works(outcomes: pd.DataFrame, summary: pd.DataFrame) -> bool:
-    """Return True when every planned AdamW claim run is judged and none works, and "team SGD fails" holds."""
+    """Return True when every planned DeiT-Ti-LS AdamW claim run is judged and none works, and "team SGD fails" holds."""
     verdicts = summary.set_index("claim")["verdict"] if not summary.empty else pd.Series(dtype=object)
     if verdicts.get("team_sgd_fails") != HOLDS:
         return False

@@ -15,6 +15,13 @@ DEFAULT_PLAN = Path("claims/plan.yaml")
 DEFAULT_CRITERIA = Path("claims/criteria.yaml")
 
 
+def _folder(text: str) -> Path:
+    # Path("") would silently mean the current folder.
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path; give a folder")
+    return Path(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="facedeit", description="Crop faces with MTCNN, train recipes on the crops, and report the runs."
@@ -23,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     crop = sub.add_parser("crop", help="detect faces with MTCNN, write 160x160 crops, manifest.csv and split.csv")
-    crop.add_argument("--data", type=Path, help="folder of <person>/<photo> files (default: the shared LFW subset)")
+    crop.add_argument("--data", type=_folder, help="folder of <person>/<photo> files (default: the shared LFW subset)")
     crop.add_argument("--out", type=Path, default=DEFAULT_CROPS, help="crop cache and CSV folder (default: %(default)s)")
     crop.add_argument("--margin", type=int, default=20, help="pixels added around the face box, in crop pixels (default: %(default)s)")
     crop.add_argument("--min-face-size", type=int, default=20, help="smallest face MTCNN looks for, in photo pixels (default: %(default)s)")
@@ -42,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = recipe_sub.add_parser("check", help="check recipes under a profile without training (exit 2 on the first error)")
     check.add_argument("files", type=Path, nargs="+")
     check.add_argument("--profile", default="quick", help="smoke, quick or full, as for train (default: %(default)s)")
+    check.add_argument("--world-size", type=int, default=1, help="processes the batch is split over (default: %(default)s)")
+    check.add_argument("--accum-steps", type=int, default=1, help="micro-batches per process, as for train (default: %(default)s)")
 
     for name, help_text in (("train", "train one recipe"), ("run", "train several recipes in turn")):
         p = sub.add_parser(name, help=help_text)
@@ -85,6 +94,8 @@ def cmd_crop(args) -> int:
     settings = DetectorSettings(margin=args.margin, min_face_size=args.min_face_size, thresholds=tuple(args.thresholds))
     check_detector_settings(settings)
     check_split_options(args.min_images, args.val_fraction)
+    if args.out.exists() and not args.out.is_dir():
+        raise CropError(f"--out {args.out}: exists and is not a folder")
     data_dir = args.data if args.data is not None else default_data_dir()
     log.info("cropping faces in %s into %s", data_dir, args.out)
     # Crops are cached as they are made. manifest.csv is written only after the split succeeds.
@@ -119,32 +130,39 @@ def cmd_recipe_show(args) -> int:
     return 0
 
 
-def cmd_recipe_check(args) -> int:
-    from facedeit.recipes import load_recipe, resolve
+def check_recipes(paths: list[Path], profile: str, world_size: int, accum_steps: int) -> list:
+    """Load and resolve every recipe before anything runs; raise RecipeError naming the first bad file and key."""
+    from facedeit.data import device_batch_size
+    from facedeit.recipes import RecipeError, load_recipe, resolve
 
-    for path in args.files:
-        run = resolve(load_recipe(path), args.profile)
+    checked = []
+    for path in paths:
+        recipe = load_recipe(path)
+        run = resolve(recipe, profile)
+        try:
+            device_batch_size(run.batch_size, world_size, accum_steps)
+        except ValueError as err:
+            raise RecipeError(f"{path}: batch_size {run.batch_size} under profile {profile}: {err}") from None
+        checkpoint = recipe.model.checkpoint
+        if checkpoint and not Path(checkpoint).is_file():
+            raise RecipeError(f"{path}: model.checkpoint: file not found: {checkpoint}")
+        checked.append((path, recipe, run))
+    return checked
+
+
+def cmd_recipe_check(args) -> int:
+    for path, _, run in check_recipes(args.files, args.profile, args.world_size, args.accum_steps):
         print(f"ok: {path} ({run.recipe.model.name}, profile {args.profile}: {run.epochs} epochs, batch {run.batch_size}, lr {run.lr:.3g})")
     return 0
 
 
 def cmd_train(args) -> int:
     from facedeit.distributed import init_world, shutdown
-    from facedeit.recipes import load_recipe
     from facedeit.train import train_recipe
 
-    from facedeit.data import device_batch_size
-    from facedeit.recipes import RecipeError, resolve
-
     # Check every recipe first, so a typo in the last file stops the command before any training.
-    recipes = [(path, load_recipe(path)) for path in args.recipes]
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    for path, recipe in recipes:
-        run = resolve(recipe, args.profile)
-        try:
-            device_batch_size(run.batch_size, world_size, args.accum_steps)
-        except ValueError as err:
-            raise RecipeError(f"{path}: batch_size {run.batch_size} under profile {args.profile}: {err}") from None
+    recipes = [(path, recipe) for path, recipe, _ in check_recipes(args.recipes, args.profile, world_size, args.accum_steps)]
     world, device = init_world(args.device)
     if not world.is_main:
         logging.getLogger().setLevel(logging.WARNING)
@@ -188,6 +206,11 @@ def cmd_claims(args) -> int:
     if changed:
         raise RunExistsError(f"{args.results / 'runs' / changed[0]}: was trained with other recipe values than "
                              f"{args.plan} gives ({len(changed)} such run folder(s)); remove them to train them again")
+    damaged = [r.run_name(plan.profile) for r in todo if status[r.run_name(plan.profile)].startswith("damaged")]
+    if damaged:
+        raise RunExistsError(f"{args.results / 'runs' / damaged[0]}: {status[damaged[0]]}; {len(damaged)} finished run "
+                             "folder(s) lack rows of their CSV files: restore the files, or remove the folders to train "
+                             "them again")
     if not (args.crops / "split.csv").is_file():
         raise FileNotFoundError(f"{args.crops / 'split.csv'}: not found; run `facedeit crop` first")
     device = pick_device(args.device)

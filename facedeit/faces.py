@@ -228,6 +228,10 @@ def check_detector_settings(settings: DetectorSettings) -> None:
         raise CropError(f"--min-face-size must be at least 1 pixel, got {settings.min_face_size}")
     if settings.margin < 0:
         raise CropError(f"--margin must not be negative, got {settings.margin}")
+    # facenet-pytorch widens the box by margin / (image_size - margin) of its size, so the margin
+    # must stay below the crop size.
+    if settings.margin >= settings.image_size:
+        raise CropError(f"--margin must be below the crop size ({settings.image_size} pixels), got {settings.margin}")
     if not all(0 < t <= 1 for t in settings.thresholds):
         raise CropError(f"--thresholds must be probabilities in (0, 1], got {list(settings.thresholds)}")
 

@@ -136,15 +136,30 @@ NON_NEGATIVE = {
 }
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key repeated in one mapping, which PyYAML would let the last one win."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml_mapping(path: Path, kind: str) -> dict:
     """Parse YAML file `path`, which must contain a mapping; raise RecipeError naming the file otherwise.
 
     `kind` names the file in messages ("recipe", "plan", "criteria").
     """
+    if path.is_dir():
+        raise RecipeError(f"{path}: is a folder, not a {kind} file")
     if not path.is_file():
         raise RecipeError(f"{path}: {kind} file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except (OSError, UnicodeDecodeError) as err:
         raise RecipeError(f"{path}: cannot read the {kind} file: {err}") from None
     except yaml.YAMLError as err:

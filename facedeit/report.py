@@ -3,7 +3,6 @@
 Reads only what training wrote; it never trains.
 """
 
-import json
 import logging
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from facedeit.claims import check_plan_criteria, load_criteria
 from facedeit.claims_report import claims_tables, plot_claims, render_claims
 from facedeit.io import write_csv_atomic, write_text_atomic
 from facedeit.paper_table import paper_table
+from facedeit.runs import damaged_files, read_run_info
 
 log = logging.getLogger(__name__)
 
@@ -26,17 +26,15 @@ def load_runs(results_dir: Path) -> list[dict]:
     runs = []
     for info_file in sorted((Path(results_dir) / "runs").glob("*/run.json")):
         run_dir = info_file.parent
-        try:
-            info = json.loads(info_file.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{info_file}: invalid JSON ({err}); remove the run folder or train it again") from None
+        info = read_run_info(info_file)
 
         def table(name):
             path = run_dir / name
             return pd.read_csv(path) if path.is_file() and path.stat().st_size > 1 else pd.DataFrame()
 
-        runs.append({"info": info, "steps": table("steps.csv"), "epochs": table("epochs.csv"),
-                     "evals": table("eval_batches.csv")})
+        steps, epochs = table("steps.csv"), table("epochs.csv")
+        runs.append({"info": info, "steps": steps, "epochs": epochs, "evals": table("eval_batches.csv"),
+                     "damaged": damaged_files(info, len(steps), len(epochs))})
     return runs
 
 
@@ -196,6 +194,17 @@ def write_report(results_dir: Path, recipes_dir: Path = Path("recipes"),
     return path
 
 
+def _damaged_lines(runs: list[dict]) -> list[str]:
+    damaged = [r for r in runs if r.get("damaged")]
+    for run in damaged:
+        log.warning("%s: finished, but %s", run["info"]["run"], run["damaged"])
+    if not damaged:
+        return []
+    listed = "; ".join(f"`{r['info']['run']}` ({r['damaged']})" for r in damaged)
+    return [f"**{len(damaged)} finished run folder(s) lack rows of their CSV files**: {listed}. Their numbers below "
+            "are incomplete, and the claims section does not judge them.", ""]
+
+
 def _render(runs, accuracy, throughput, paper, claims_text: str) -> str:
     first = runs[0]["info"]
     data = first["data"]
@@ -213,6 +222,7 @@ def _render(runs, accuracy, throughput, paper, claims_text: str) -> str:
         + (f" NOTE: the runs here used {len(splits)} different splits; compare only runs of one split "
            "(`data` in each run.json)." if len(splits) > 1 else ""),
         "",
+        *_damaged_lines(runs),
         "## Curves",
         "",
         "![train loss](plots/train_loss.png)",

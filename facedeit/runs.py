@@ -76,6 +76,47 @@ def read_run(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "run.json").read_text())
 
 
+# Keys every run.json written by training has, and that the report reads.
+RUN_INFO_KEYS = ("run", "status", "profile", "resolved", "data", "env")
+
+
+def read_run_info(info_file: Path) -> dict:
+    """Read a run.json; raise ValueError naming the file when it is not JSON or lacks a key the report reads."""
+    try:
+        info = json.loads(Path(info_file).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{info_file}: invalid JSON ({err}); remove the run folder or train it again") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{info_file}: expected a JSON object, got {type(info).__name__}; "
+                         "remove the run folder or train it again")
+    missing = [key for key in RUN_INFO_KEYS if key not in info]
+    if missing:
+        raise ValueError(f"{info_file}: {missing[0]}: missing key; remove the run folder or train it again")
+    return info
+
+
+def damaged_files(info: dict, steps_rows: int, epochs_rows: int) -> str | None:
+    """Return what a finished run's steps.csv or epochs.csv lacks, or None when both are whole."""
+    if info.get("status") != "finished":
+        return None
+    done = info.get("epochs_done", 0)
+    if epochs_rows != done:
+        return f"epochs.csv has {epochs_rows} of {done} epochs"
+    total = info.get("schedule_updates", {}).get("total_updates")
+    if total is not None and steps_rows != total:
+        return f"steps.csv has {steps_rows} of {total} updates"
+    return None
+
+
+def csv_rows(path: Path) -> int:
+    """Count the data rows of a CSV file; 0 when it is missing or empty."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    with path.open() as handle:
+        return max(sum(1 for _ in handle) - 1, 0)
+
+
 # Recipe fields that document a run but do not change what it trains.
 DESCRIPTIVE_FIELDS = ("description", "source")
 

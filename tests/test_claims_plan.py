@@ -79,7 +79,7 @@ def write_run(results: Path, planned, profile: str, status: str, loss: tuple, to
     evals = pd.DataFrame({"epoch": [0], "batch": [0], "images": [64], "images_per_s": [900.0]})
     info = {"run": name, "recipe": planned.recipe.name, "recipe_file": planned.recipe_file, "profile": profile,
             "seed": planned.seed, "status": status, "epochs_done": epochs_done, "resolved": resolved,
-            "schedule_updates": {"steps_per_epoch": STEPS_PER_EPOCH},
+            "schedule_updates": {"steps_per_epoch": STEPS_PER_EPOCH, "total_updates": 3 * STEPS_PER_EPOCH},
             "model": {"name": planned.recipe.model.name}, "departures": [],
             "data": {"crops_dir": str(results / "no_crops"), "split_sha256": "abc", "num_classes": 10, "train_images": 400, "val_images": 100,
                      "chance_top1": 10.0, "majority_top1": MAJORITY},
@@ -170,7 +170,7 @@ def test_report_from_hand_made_runs(tmp_path, plan_file, monkeypatch):
     write_run(results, runs[("sgd_fails", 2, "claims")], "quick", "diverged", (4.0, 4.0), MAJORITY)
     # AdamW: a single seed that works.
     write_run(results, runs[("adamw_works", 0, "claims")], "quick", "finished", (4.0, 2.0), MAJORITY + 30)
-    # A finished AdamW run whose epochs.csv is lost is judged "neither".
+    # A finished AdamW run whose epochs.csv is lost is damaged: listed, not judged.
     write_run(results, runs[("adamw_works", 1, "claims")], "quick", "finished", (4.0, 2.0), MAJORITY + 30)
     (results / "runs" / runs[("adamw_works", 1, "claims")].run_name("quick") / "epochs.csv").unlink()
     # Sweep: lr 0.1 works, so "SGD fails at every lr" does not hold.
@@ -189,10 +189,11 @@ def test_report_from_hand_made_runs(tmp_path, plan_file, monkeypatch):
     assert summary.loc["sgd_every_lr", "verdict"] == "does not hold"
     assert summary.loc["sgd_fails", "val_top1_mean"] == pytest.approx(MAJORITY + 1 / 2)  # diverged has no top-1
     assert summary.loc["sgd_fails", "top1_runs"] == 2
-    assert summary.loc["adamw_works", "outcomes"] == "works 1, neither 1"
+    assert summary.loc["adamw_works", "outcomes"] == "works 1"
     outcomes = pd.read_csv(results / "tables" / "claims_runs.csv").set_index("run")
     assert outcomes.loc["seed_sgd-quick-seed2", "outcome"] == "fails"
-    assert outcomes.loc["seed_adamw-quick-seed1", "outcome"] == "neither"
+    assert outcomes.loc["seed_adamw-quick-seed1", "status"] == "damaged (epochs.csv has 0 of 3 epochs)"
+    assert pd.isna(outcomes.loc["seed_adamw-quick-seed1", "outcome"])
     assert outcomes.loc["seed_adamw-quick-seed2", "status"] == "missing"
     ablation = pd.read_csv(results / "tables" / "claims_ablation.csv").set_index("removed")
     assert ablation.loc["mixup", "vs_full"] == pytest.approx(-8.0)
@@ -203,6 +204,7 @@ def test_report_from_hand_made_runs(tmp_path, plan_file, monkeypatch):
     assert "81.8% top-1 with AdamW" in report
     assert "has not been recorded" in report
     assert "It is at the top of the lr grid" in report
+    assert "**1 finished run folder(s) lack rows of their CSV files**: `seed_adamw-quick-seed1`" in report
     assert "No AdamW run works" not in report
     for plot in ("claims_curves.png", "claims_sweep.png", "claims_ablation.png"):
         assert (results / "plots" / plot).stat().st_size > 0
@@ -227,7 +229,7 @@ def test_report_flags_changed_runs_and_criteria(tmp_path, plan_file, monkeypatch
 
     outcomes = pd.read_csv(results / "tables" / "claims_runs.csv").set_index("run")
     assert outcomes.loc[first.run_name("quick"), "status"] == "changed"
-    assert "The file has changed since" in (results / "REPORT.md").read_text()
+    assert "differ from it" in (results / "REPORT.md").read_text()
 
 
 def test_criteria_accept_exponent_strings(tmp_path):
@@ -280,3 +282,30 @@ def test_claims_rejects_changed_run_before_training(tmp_path, plan_file, monkeyp
     assert main(args) == 2
     assert "was trained with other recipe values" in capsys.readouterr().err
     assert not (results / "claims" / "criteria.lock.json").exists()
+
+
+def test_claims_rejects_damaged_run(tmp_path, plan_file, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    plan = load_plan(plan_file, REPO)
+    results = tmp_path / "results"
+    first = plan.runs[0]
+    write_run(results, first, "quick", "finished", (4.0, 3.9), MAJORITY)
+    steps_file = results / "runs" / first.run_name("quick") / "steps.csv"
+    steps_file.write_text("\n".join(steps_file.read_text().splitlines()[:5]) + "\n")
+    args = ["claims", "--plan", str(plan_file), "--results", str(results), "--crops", str(tmp_path / "crops")]
+    assert main(args + ["--dry-run"]) == 0
+    assert f"{first.run_name('quick')}: damaged (steps.csv has 4 of 36 updates)" in capsys.readouterr().out
+    assert main(args) == 2
+    assert "damaged (steps.csv has 4 of 36 updates)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[1, 2]", "expected a JSON object, got list"),
+    ("{}", "run: missing key"),
+])
+def test_report_rejects_bad_run_json(tmp_path, capsys, content, message):
+    folder = tmp_path / "results" / "runs" / "broken"
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text(content)
+    assert main(["report", "--results", str(tmp_path / "results")]) == 2
+    assert capsys.readouterr().err.startswith(f"facedeit: error: {folder / 'run.json'}: {message}")

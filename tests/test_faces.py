@@ -201,6 +201,7 @@ def test_cli_crop_lists_left_out_people(tmp_path, capsys):
 @pytest.mark.parametrize("option, message", [
     (["--min-face-size", "0"], "--min-face-size must be at least 1 pixel"),
     (["--margin", "-5"], "--margin must not be negative"),
+    (["--margin", "160"], "--margin must be below the crop size (160 pixels)"),
     (["--thresholds", "2", "2", "2"], "--thresholds must be probabilities"),
     (["--val-fraction", "1.5"], "--val-fraction must be between 0 and 1"),
     (["--device", "bogus"], "--device bogus: not a torch device"),
@@ -209,6 +210,19 @@ def test_cli_crop_bad_option(tmp_path, capsys, option, message):
     assert main(["crop", "--data", str(tmp_path), "--out", str(tmp_path / "out"), *option]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_crop_out_is_a_file(tmp_path, capsys):
+    (tmp_path / "out").write_text("not a folder\n")
+    assert main(["crop", "--data", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == f"facedeit: error: --out {tmp_path / 'out'}: exists and is not a folder"
+
+
+def test_cli_crop_empty_data_path(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["crop", "--data", ""])
+    assert exit_info.value.code == 2
+    assert "argument --data: empty path" in capsys.readouterr().err
 
 
 def test_cli_crop_missing_folder(tmp_path, capsys):

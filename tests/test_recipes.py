@@ -126,7 +126,28 @@ def test_cli_recipe_check_bad_input(tmp_path, capsys):
     assert main(["recipe", "check", str(good), str(bad)]) == 2
     captured = capsys.readouterr()
     assert captured.err.startswith(f"facedeit: error: {bad}: label_smoothing")
-    assert captured.out.startswith(f"ok: {good}")
+    assert captured.out == ""   # every file is checked before any "ok" line
+
+
+@pytest.mark.parametrize("text, message", [
+    (TINY_RECIPE.replace("img_size: 160}", "img_size: 160, checkpoint: /nonexistent/start.pt}"),
+     "model.checkpoint: file not found: /nonexistent/start.pt"),
+    (TINY_RECIPE + "epochs: 25\n", "invalid YAML at line 6, column 1: duplicate key 'epochs'"),
+])
+def test_cli_recipe_check_rejects(tmp_path, capsys, text, message):
+    path = write_recipe(tmp_path / "recipe.yaml", text)
+    assert main(["recipe", "check", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == f"facedeit: error: {path}: {message}"
+
+
+def test_cli_recipe_check_folder(tmp_path, capsys):
+    assert main(["recipe", "check", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"facedeit: error: {tmp_path}: is a folder, not a recipe file"
+
+
+def test_cli_recipe_check_accumulation(capsys):
+    assert main(["recipe", "check", str(REPO / "recipes/seed_sgd.yaml"), "--accum-steps", "3"]) == 2
+    assert "batch_size 32 is not divisible by 1 processes x 3" in capsys.readouterr().err
 
 
 def test_cli_bad_recipe_one_line(tmp_path, capsys):

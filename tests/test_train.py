@@ -11,12 +11,12 @@ from facedeit.recipes import load_recipe
 from facedeit.train import RunExistsError, train_recipe
 from tests.conftest import REPO, TINY_RECIPE, write_recipe
 
-MIXUP_RA_RECIPE = TINY_RECIPE + """\
+MIXUP_RA_RECIPE = TINY_RECIPE.replace("model: {name: deit_tiny_ls, img_size: 160}\n", "", 1) + """\
 label_smoothing: 0.1
 augment: {crop_scale: [0.5, 1.0], rand_augment: rand-m9-mstd0.5-inc1, random_erasing: 0.25,
           mixup: 0.8, cutmix: 1.0, repeated_aug: 3}
 model: {name: deit_tiny_ls, img_size: 160, drop_path_rate: 0.1}
-""".replace("model: {name: deit_tiny_ls, img_size: 160}\n", "", 1)
+"""
 
 
 def _tables(results, run):
