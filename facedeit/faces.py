@@ -76,9 +76,14 @@ def list_photos(data_dir: Path) -> list[tuple[str, Path]]:
     and are skipped. Files with other suffixes are listed too, so that the
     manifest reports them as unreadable.
     """
+    people = person_folders(data_dir)
+    nested = [f for person in people for f in person.iterdir() if f.is_dir() and not f.name.startswith(".")]
+    if nested:
+        log.warning("skipping %d folder(s) inside person folders, such as %s: only files one level down are "
+                    "photos", len(nested), nested[0])
     return [
         (person.name, f)
-        for person in person_folders(data_dir)
+        for person in people
         for f in sorted(person.iterdir())
         # A broken symlink is listed too, so the manifest reports it as unreadable.
         if (f.is_file() or f.is_symlink()) and not f.name.startswith(".")

@@ -144,6 +144,14 @@ def test_list_photos_errors(tmp_path):
         list_photos(tmp_path / "flat")
 
 
+def test_list_photos_warns_about_nested_folders(tmp_path, caplog):
+    (tmp_path / "Ann" / "holiday").mkdir(parents=True)
+    (tmp_path / "Ann" / "a.jpg").write_bytes(b"")
+    (tmp_path / "Ann" / "holiday" / "b.jpg").write_bytes(b"")
+    assert [f.name for _, f in list_photos(tmp_path)] == ["a.jpg"]
+    assert "skipping 1 folder(s) inside person folders" in caplog.text
+
+
 def _manifest(counts: dict[str, int]) -> pd.DataFrame:
     rows = [{"path": f"{p}/{i}.jpg", "person": p, "status": "cropped", "crop": f"crops/{p}{i}.png"}
             for p, n in counts.items() for i in range(n)]
