@@ -335,6 +335,8 @@ def _paper_lines(plan: Plan, outcomes: pd.DataFrame, summary: pd.DataFrame, abla
         if set(str(full["outcomes"]).split(", ")) == {FAILS} and set(str(sgd["outcomes"]).split(", ")) == {FAILS}:
             lines.append(setting + ". Every one of these runs fails by the criteria, so there is no gap to set "
                          "beside the paper's.")
+        elif sgd["paired_seeds"] == 0:
+            lines.append(setting + ", but the two rows share no seed, so they are not compared.")
         else:
             lines.append(setting + f": SGD minus AdamW at the same seed is {sgd['vs_full']:+.2f} points over "
                          f"{int(sgd['paired_seeds'])} seed(s) (paper {gap:+.1f}).")

@@ -150,13 +150,15 @@ def test_adamw_never_works(sgd_verdict, adamw, expected):
     assert _adamw_never_works(outcomes, summary) is expected
 
 
-@pytest.mark.parametrize("full_outcome, expected", [
-    (FAILS, "Every one of these runs fails by the criteria, so there is no gap"),
-    (WORKS, "SGD minus AdamW at the same seed is -10.00 points over 1 seed(s) (paper -7.3)"),
+@pytest.mark.parametrize("full_outcome, sgd_seed, expected", [
+    (FAILS, 0, "Every one of these runs fails by the criteria, so there is no gap"),
+    (WORKS, 0, "SGD minus AdamW at the same seed is -10.00 points over 1 seed(s) (paper -7.3)"),
+    (WORKS, 1, "the two rows share no seed, so they are not compared"),
 ])
-def test_paper_lines_gap_only_when_measurable(full_outcome, expected):
+def test_paper_lines_gap_only_when_measurable(full_outcome, sgd_seed, expected):
     full_top1 = 30.0 if full_outcome == WORKS else 20.0
-    outcomes = _outcomes([("ablation", "full", 0, full_outcome, full_top1), ("ablation", "adamw", 0, FAILS, 20.0)])
+    outcomes = _outcomes([("ablation", "full", 0, full_outcome, full_top1),
+                          ("ablation", "adamw", sgd_seed, FAILS, 20.0)])
     summary = pd.DataFrame({"claim": ["team_sgd_fails"], "verdict": [HOLDS], "val_top1_mean": [20.0]})
     lines = _paper_lines(_Plan([]), outcomes, summary, ablation_table(outcomes), pd.DataFrame(), 3)
     assert any(expected in line for line in lines)
