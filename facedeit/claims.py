@@ -191,14 +191,21 @@ def both_verdict(verdicts: list[str]) -> str:
     return INCONCLUSIVE
 
 
+def _trained_as_planned(info: dict, planned, profile: str) -> bool:
+    """Return True when a run.json's recipe values are those of the planned run under `profile`."""
+    from facedeit.recipes import resolve
+    from facedeit.runs import same_recipe_values
+
+    return same_recipe_values(info["resolved"]["recipe"], resolve(planned.recipe, profile).to_dict()["recipe"])
+
+
 def planned_status(plan, results_dir: Path) -> dict[str, str]:
     """Map each planned run name to its folder's status, or to `missing`, `changed` or `damaged (...)`.
 
     `changed` means the folder was trained with recipe values other than the
     plan's, and `damaged` that a finished run lacks rows of its CSV files.
     """
-    from facedeit.recipes import resolve
-    from facedeit.runs import csv_rows, damaged_files, read_run_info, same_recipe_values
+    from facedeit.runs import csv_rows, damaged_files, read_run_info
 
     statuses = {}
     for planned in plan.runs:
@@ -208,7 +215,7 @@ def planned_status(plan, results_dir: Path) -> dict[str, str]:
             statuses[name] = "missing"
             continue
         info = read_run_info(run_dir / "run.json")
-        if not same_recipe_values(info["resolved"]["recipe"], resolve(planned.recipe, plan.profile).to_dict()["recipe"]):
+        if not _trained_as_planned(info, planned, plan.profile):
             statuses[name] = "changed"
             continue
         damage = damaged_files(info, csv_rows(run_dir / "steps.csv"), csv_rows(run_dir / "epochs.csv"))
@@ -223,9 +230,6 @@ def plan_outcomes(plan, runs: list[dict], criteria: Criteria) -> pd.DataFrame:
     its recipe values are the plan's. A folder trained from an older plan is
     listed as `changed` and left out of every verdict.
     """
-    from facedeit.recipes import resolve
-    from facedeit.runs import same_recipe_values
-
     by_name = {r["info"]["run"]: r for r in runs}
     rows = []
     for planned in plan.runs:
@@ -235,7 +239,7 @@ def plan_outcomes(plan, runs: list[dict], criteria: Criteria) -> pd.DataFrame:
         if run is None:
             rows.append({**base, "status": "missing", "outcome": None})
             continue
-        if not same_recipe_values(run["info"]["resolved"]["recipe"], resolve(planned.recipe, plan.profile).to_dict()["recipe"]):
+        if not _trained_as_planned(run["info"], planned, plan.profile):
             rows.append({**base, "status": "changed", "outcome": None})
             continue
         if run["info"]["status"] in ("running", "stopped", "failed"):

@@ -72,10 +72,6 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def read_run(run_dir: Path) -> dict:
-    return json.loads((Path(run_dir) / "run.json").read_text())
-
-
 # Keys every run.json written by training has, and that the report reads.
 RUN_INFO_KEYS = ("run", "status", "profile", "resolved", "data", "env")
 

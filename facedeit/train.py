@@ -7,7 +7,6 @@ written after every epoch, and `resume=True` continues from the last one with
 the same batches and random draws as an uninterrupted run.
 """
 
-import json
 import logging
 import random
 import time
@@ -26,7 +25,7 @@ from facedeit.io import write_csv_atomic, write_json_atomic
 from facedeit.models import build_model
 from facedeit.optim import build_optimizer, build_scheduler, build_train_loss, schedule_lengths
 from facedeit.recipes import Recipe, Resolved, resolve
-from facedeit.runs import environment, file_sha256, now_utc, run_name, same_recipe_values
+from facedeit.runs import environment, file_sha256, now_utc, read_run_info, run_name, same_recipe_values
 from facedeit.timing import BatchTimer
 
 log = logging.getLogger(__name__)
@@ -249,7 +248,7 @@ def _previous_state(info_file: Path, resume: bool, split_sha: str, run: Resolved
     """
     if not info_file.is_file():
         return None, None
-    info = json.loads(info_file.read_text())
+    info = read_run_info(info_file)
     run_dir = info_file.parent
     if info["data"]["split_sha256"] != split_sha:
         raise RunExistsError(f"{run_dir}: was trained on another split.csv; remove the folder or pass another "

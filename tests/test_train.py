@@ -120,6 +120,17 @@ def test_changed_recipe_is_not_reused(crops_dir, tmp_path):
         train_recipe(load_recipe(path), crops_dir, tmp_path / "r", profile="full", progress=False, resume=True)
 
 
+def test_malformed_run_json_is_one_line(crops_dir, tmp_path, capsys):
+    path = write_recipe(tmp_path / "tiny.yaml", TINY_RECIPE.replace("epochs: 2", "epochs: 1"))
+    info_file = tmp_path / "r" / "runs" / "tiny-full-seed0" / "run.json"
+    info_file.parent.mkdir(parents=True)
+    info_file.write_text("{}")
+    args = ["train", str(path), "--crops", str(crops_dir), "--results", str(tmp_path / "r"), "--profile", "full"]
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip() == (f"facedeit: error: {info_file}: run: missing key; remove the run "
+                                               "folder or train it again")
+
+
 def test_non_finite_loss_diverges_run(crops_dir, tmp_path, monkeypatch, capsys):
     real_loss = train_module.build_train_loss
 
